@@ -1,0 +1,202 @@
+"""`fsteer`: train, generate, inspect, push, export, eval. All logic lives in fsteer_export."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="FineSteer activation steering: train, generate, export (PEFT adapter, ONNX), evaluate.")
+export_app = typer.Typer(no_args_is_help=True, help="Export a steered model.")
+app.add_typer(export_app, name="export")
+_state = {"debug": False}
+
+
+@app.callback()
+def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks."),
+         quiet: bool = typer.Option(False, "--quiet", help="No progress bars.")) -> None:
+    import os
+    _state["debug"] = debug
+    if quiet:
+        os.environ["FSTEER_QUIET"] = "1"
+
+
+def _run(fn, *args, **kwargs):
+    """Run a command body: user mistakes → one line + exit 2; Ctrl-C → exit 130."""
+    from fsteer_export.errors import FSteerError
+    try:
+        return fn(*args, **kwargs)
+    except FSteerError as exc:
+        if _state["debug"]:
+            raise
+        typer.echo(f"error: {exc.line()}", err=True)
+        raise typer.Exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted: nothing was written", err=True)
+        raise typer.Exit(130)
+
+
+def _model_opts():
+    return None
+
+
+@app.command()
+def train(
+    data: list[str] = typer.Option(..., "--data", help="Prompt file (CSV/JSON/JSONL/TXT), repeatable; 'demo:harmful' for the built-in set."),
+    out: Path = typer.Option(..., "--out", help="Adapter folder to write."),
+    model: str = typer.Option("smollm2-135m-instruct", "--model", help="Local folder, hub id, .gguf file or alias."),
+    task: str = typer.Option("safety", "--task", help="safety | truthfulqa"),
+    general: list[str] = typer.Option([], "--general", help="Benign prompts (repeatable): gate negatives and false-positive check."),
+    layer: Optional[int] = typer.Option(None, "--layer", help="Steering layer L (default: 40% of depth)."),
+    gate_layer: Optional[int] = typer.Option(None, "--gate-layer", help="Gate layer G ≤ L (default: chosen on validation)."),
+    experts: Optional[int] = typer.Option(None, "--experts", help="K experts (default: Calinski–Harabasz)."),
+    strength: Optional[float] = typer.Option(None, "--strength", help="λ (default: chosen on validation)."),
+    gate: Optional[str] = typer.Option(None, "--gate", help="quantile | logistic | soft (default: logistic with --general)."),
+    rank: Optional[int] = typer.Option(None, "--rank", help="SCS subspace rank (default: chosen on validation)."),
+    prompt_column: Optional[str] = typer.Option(None, "--prompt-column", help="Column holding the prompt."),
+    seed: int = typer.Option(0, "--seed"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16"),
+    device: str = typer.Option("auto", "--device"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the hub (off by default)."),
+) -> None:
+    """Train SCS + MoSE and save a PEFT-layout adapter folder."""
+    def body():
+        from fsteer_export.adapter import atomic_folder, save_adapter
+        from fsteer_export.errors import FSteerError
+        from fsteer_export.models import load_model
+        from fsteer_export.train import TrainOptions, train as run_train
+        if out.exists() and not overwrite:
+            raise FSteerError(f"output folder {out} already exists", "pass --overwrite or choose another --out")
+        lm = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        opts = TrainOptions(task=task, layer=layer, gate_layer=gate_layer, experts=experts, strength=strength,
+                            gate_kind=gate, gate_rank=rank, seed=seed, prompt_column=prompt_column)
+        result = run_train(lm, data, general, opts)
+        save_adapter(out, result.config, result.head, report=result.report, overwrite=overwrite)
+        r = result.report
+        typer.echo(f"chose: layer L={r['layer']}, gate layer G={r['gate_layer']}, gate={r['gate_kind']} "
+                   f"(rank {r['gate_rank']}), experts K={r['experts']}, strength λ={r['strength']}")
+        gv = r["gate_validation"]
+        fpr = "n/a" if gv["fpr_general"] is None else f"{gv['fpr_general']:.1%}"
+        typer.echo(f"gate on validation: fires on {gv['tpr']:.1%} of held-out IR prompts, {fpr} of held-out general prompts")
+        typer.echo("time (s): " + ", ".join(f"{k} {v}" for k, v in r["timings_s"].items()))
+        typer.echo(f"adapter saved to {out}")
+    _run(body)
+
+
+@app.command()
+def generate(
+    model: str = typer.Option("smollm2-135m-instruct", "--model"),
+    adapter: list[Path] = typer.Option([], "--adapter", help="Adapter folder (repeatable: adapters compose)."),
+    onnx: Optional[Path] = typer.Option(None, "--onnx", help="Run an exported ONNX folder with onnxruntime instead."),
+    prompt: list[str] = typer.Option([], "--prompt", help="A prompt (repeatable)."),
+    prompts_file: Optional[Path] = typer.Option(None, "--prompts-file", help="File of prompts."),
+    prompt_column: Optional[str] = typer.Option(None, "--prompt-column"),
+    max_new_tokens: int = typer.Option(48, "--max-new-tokens"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    strength: Optional[float] = typer.Option(None, "--strength", help="Override λ of every adapter."),
+    compare: bool = typer.Option(False, "--compare", help="Also show the unsteered answer side by side."),
+    sample: bool = typer.Option(False, "--sample", help="Sample instead of greedy decoding."),
+    temperature: float = typer.Option(1.0, "--temperature"),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per line: prompt, completion, gate."),
+    dtype: str = typer.Option("auto", "--dtype"),
+    device: str = typer.Option("auto", "--device"),
+    provider: Optional[str] = typer.Option(None, "--provider", help="onnxruntime execution provider (with --onnx)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+) -> None:
+    """Generate with (and optionally without) steering."""
+    def body():
+        from fsteer_export.data import load_prompts
+        from fsteer_export.errors import FSteerError
+        prompts = list(prompt)
+        if prompts_file is not None:
+            prompts += load_prompts(prompts_file, prompt_column, dedupe=False)
+        if not prompts:
+            raise FSteerError("no prompts given", "pass --prompt TEXT or --prompts-file FILE")
+        if max_new_tokens < 1 or batch_size < 1:
+            raise FSteerError("--max-new-tokens and --batch-size must be ≥ 1", "pass positive values")
+        if onnx is not None:
+            from fsteer_export.onnx_runtime import OnnxSteeredModel
+            runner = OnnxSteeredModel(onnx, provider=provider)
+            rows = runner.generate(prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                   do_sample=sample, temperature=temperature, top_p=top_p, seed=seed,
+                                   strength=strength)
+            base_rows = None
+            if compare:
+                base_rows = runner.generate(prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                            do_sample=sample, temperature=temperature, top_p=top_p, seed=seed,
+                                            strength=0.0)
+        else:
+            from fsteer_export.adapter import load_adapter
+            from fsteer_export.generate import generate as run_generate
+            from fsteer_export.models import load_model
+            from fsteer_export.steering import strength_override
+            import contextlib
+            lm = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+            for i, folder in enumerate(adapter):
+                load_adapter(lm.model, folder, name="default" if i == 0 else f"adapter{i}")
+            ctx = strength_override(lm.model, strength) if strength is not None and adapter else contextlib.nullcontext()
+            kw = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=sample,
+                      temperature=temperature, top_p=top_p, seed=seed)
+            with ctx:
+                rows = run_generate(lm.model, lm.tokenizer, prompts, **kw)
+            base_rows = run_generate(lm.model, lm.tokenizer, prompts, steer=False, **kw) if compare else None
+        for i, r in enumerate(rows):
+            if as_json:
+                obj = {"prompt": r.prompt, "completion": r.completion}
+                if r.gate is not None:
+                    obj["gate"] = r.gate
+                if r.gates and len(r.gates) > 1:
+                    obj["gates"] = r.gates
+                if base_rows is not None:
+                    obj["unsteered"] = base_rows[i].completion
+                typer.echo(json.dumps(obj, ensure_ascii=False))
+            else:
+                gate = "" if r.gate is None else f"  [gate {r.gate:.2f}]"
+                typer.echo(f"### {r.prompt}{gate}")
+                if base_rows is not None:
+                    typer.echo(f"--- unsteered:\n{base_rows[i].completion.strip()}\n--- steered:")
+                typer.echo(r.completion.strip() + "\n")
+    _run(body)
+
+
+@app.command()
+def inspect(adapter: Path = typer.Argument(..., help="Adapter folder."),
+            as_json: bool = typer.Option(False, "--json")) -> None:
+    """What an adapter contains: model, layers, K, rank, ε, λ, sizes."""
+    def body():
+        from fsteer_export.adapter import adapter_summary
+        s = adapter_summary(adapter)
+        if as_json:
+            typer.echo(json.dumps(s, indent=2))
+            return
+        files = s.pop("files")
+        for k, v in s.items():
+            typer.echo(f"{k:>20}: {v}")
+        typer.echo(f"{'files':>20}:")
+        for name, size in files.items():
+            typer.echo(f"{'':>22}{name}  {size:,} bytes")
+    _run(body)
+
+
+@app.command()
+def push(adapter: Path = typer.Argument(..., help="Adapter folder."),
+         repo_id: str = typer.Option(..., "--repo-id", help="Hub repository, e.g. me/smollm2-finesteer-safety."),
+         private: bool = typer.Option(False, "--private"),
+         token: Optional[str] = typer.Option(None, "--token", help="Hub token (default: the logged-in one).")) -> None:
+    """Upload an adapter folder to the Hugging Face Hub."""
+    def body():
+        from fsteer_export.hub import push_adapter
+        url = push_adapter(adapter, repo_id, private=private, token=token)
+        typer.echo(f"uploaded to {url}")
+    _run(body)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

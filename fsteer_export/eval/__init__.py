@@ -1,0 +1,1 @@
+"""Evaluation: refusal judging, baselines, suites (safety, truthfulqa, utility), reports."""
