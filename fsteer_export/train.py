@@ -60,6 +60,16 @@ class TrainResult:
     report: dict = field(default_factory=dict)
 
 
+def model_fingerprint(model: nn.Module) -> str:
+    """Cheap identity of the weights, so two models with the same name never share a cache entry."""
+    import hashlib
+    h = hashlib.sha256()
+    params = list(model.parameters())
+    for p in (params[0], params[len(params) // 2], params[-1]):
+        h.update(p.detach().flatten()[:4096].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def default_layer(n_layers: int) -> int:
     return max(0, min(n_layers - 1, round(0.4 * n_layers)))
 
@@ -165,7 +175,8 @@ def train(lm: LoadedModel, data: Sequence[str], general: Sequence[str] = (),
     # -- activations (cached) -----------------------------------------------------------
     t1 = time.perf_counter()
     p_layers = sorted(set(g_layers) | {layer})
-    key = cache_key("pairs", lm.name, model_type(model), hidden_size(model), p_layers, layer,
+    fp = model_fingerprint(model)
+    key = cache_key("pairs", lm.name, fp, model_type(model), hidden_size(model), p_layers, layer,
                     [(p.prompt, p.positive, p.negative) for p in pairs], opts.answer_tokens)
 
     def compute_pairs():
@@ -176,7 +187,7 @@ def train(lm: LoadedModel, data: Sequence[str], general: Sequence[str] = (),
     with status(f"extracting activations for {len(pairs)} pairs (layers {p_layers})"):
         pair_t = cached(key, compute_pairs)
     extra = cal_prompts + val_prompts + gen_train + gen_val
-    key2 = cache_key("prompts", lm.name, model_type(model), hidden_size(model), p_layers, extra)
+    key2 = cache_key("prompts", lm.name, fp, model_type(model), hidden_size(model), p_layers, extra)
     with status(f"extracting prompt states for {len(extra)} prompts"):
         prm_t = cached(key2, lambda: {f"h{l}": v for l, v in
                                       prompt_states(model, tok, extra, p_layers, batch_size=opts.batch_size).items()})
