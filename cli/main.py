@@ -26,7 +26,8 @@ def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks
 
 
 def _run(fn, *args, **kwargs):
-    """Run a command body: user mistakes → one line + exit 2; Ctrl-C → exit 130."""
+    """Run a command body: user mistakes → one line + exit 2; Ctrl-C → exit 130; any other
+    exception (a bug) → one line + exit 1. ``--debug`` shows the traceback instead."""
     from fsteer_export.errors import FSteerError
     try:
         return fn(*args, **kwargs)
@@ -38,10 +39,24 @@ def _run(fn, *args, **kwargs):
     except KeyboardInterrupt:
         typer.echo("interrupted: nothing was written", err=True)
         raise typer.Exit(130)
+    except (typer.Exit, typer.Abort, SystemExit):
+        raise
+    except Exception as exc:
+        if _state["debug"]:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        typer.echo(f"error: unexpected {type(exc).__name__}{': ' + first if first else ''} — fix: this is a bug in "
+                   "fsteer_export; run again with --debug for the traceback and report it", err=True)
+        raise typer.Exit(1)
 
 
-def _model_opts():
-    return None
+def _adapter_base(adapters: list[Path]) -> str:
+    """The model an adapter was trained on (what --model defaults to when an adapter is given)."""
+    from fsteer_export.adapter import read_config
+    from fsteer_export.models import DEFAULT_MODEL
+    if not adapters:
+        return DEFAULT_MODEL
+    return read_config(adapters[0]).base_model_name_or_path or DEFAULT_MODEL
 
 
 @app.command()
@@ -66,12 +81,10 @@ def train(
 ) -> None:
     """Train SCS + MoSE and save a PEFT-layout adapter folder."""
     def body():
-        from fsteer_export.adapter import atomic_folder, save_adapter
-        from fsteer_export.errors import FSteerError
+        from fsteer_export.adapter import check_output_folder, save_adapter
         from fsteer_export.models import load_model
         from fsteer_export.train import TrainOptions, train as run_train
-        if out.exists() and not overwrite:
-            raise FSteerError(f"output folder {out} already exists", "pass --overwrite or choose another --out")
+        check_output_folder(out, overwrite)  # before loading and training: fail fast, write nothing
         lm = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
         opts = TrainOptions(task=task, layer=layer, gate_layer=gate_layer, experts=experts, strength=strength,
                             gate_kind=gate, gate_rank=rank, seed=seed, prompt_column=prompt_column)
@@ -90,7 +103,7 @@ def train(
 
 @app.command()
 def generate(
-    model: str = typer.Option("smollm2-135m-instruct", "--model"),
+    model: Optional[str] = typer.Option(None, "--model", help="Default: the first adapter's base model, else smollm2-135m-instruct."),
     adapter: list[Path] = typer.Option([], "--adapter", help="Adapter folder (repeatable: adapters compose)."),
     onnx: Optional[Path] = typer.Option(None, "--onnx", help="Run an exported ONNX folder with onnxruntime instead."),
     prompt: list[str] = typer.Option([], "--prompt", help="A prompt (repeatable)."),
@@ -138,7 +151,8 @@ def generate(
             from fsteer_export.models import load_model
             from fsteer_export.steering import strength_override
             import contextlib
-            lm = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+            lm = load_model(model or _adapter_base(adapter), dtype=dtype, device=device,
+                            trust_remote_code=trust_remote_code)
             for i, folder in enumerate(adapter):
                 load_adapter(lm.model, folder, name="default" if i == 0 else f"adapter{i}")
             ctx = strength_override(lm.model, strength) if strength is not None and adapter else contextlib.nullcontext()
@@ -195,6 +209,101 @@ def push(adapter: Path = typer.Argument(..., help="Adapter folder."),
         from fsteer_export.hub import push_adapter
         url = push_adapter(adapter, repo_id, private=private, token=token)
         typer.echo(f"uploaded to {url}")
+    _run(body)
+
+
+@app.command("eval")
+def eval_cmd(
+    suite: str = typer.Option(..., "--suite", help="safety | truthfulqa | utility"),
+    out: Path = typer.Option(..., "--out", help="Report folder (results.json, report.md, plots)."),
+    model: str = typer.Option("smollm2-135m-instruct", "--model"),
+    adapter: list[Path] = typer.Option([], "--adapter", help="Adapter to evaluate (utility; safety: instead of training FineSteer)."),
+    methods: Optional[str] = typer.Option(None, "--methods", help="Comma list, e.g. none,finesteer,caa,rv,cast,mose-only,scs-only."),
+    train_data: list[str] = typer.Option([], "--train", help="safety: harmful prompts to train every method on (repeatable)."),
+    general: list[str] = typer.Option([], "--general", help="safety: benign prompts for training (gate negatives, rv, cast)."),
+    harmful: list[str] = typer.Option([], "--harmful", help="safety: held-out harmful test prompts (repeatable)."),
+    benign: list[str] = typer.Option([], "--benign", help="safety: held-out benign test prompts, NAME=PATH or PATH (repeatable)."),
+    data: Optional[str] = typer.Option(None, "--data", help="truthfulqa: TruthfulQA.csv or mc_task.json; utility: MMLU folder."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Cap on test prompts / questions."),
+    seed: int = typer.Option(0, "--seed"),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+    dtype: str = typer.Option("auto", "--dtype"),
+    device: str = typer.Option("auto", "--device"),
+) -> None:
+    """Evaluate FineSteer side by side with baselines; writes results.json, report.md and plots."""
+    def body():
+        from fsteer_export.errors import FSteerError
+        from fsteer_export.eval.report import write_report
+        from fsteer_export.models import load_model
+        if out.exists() and not overwrite:
+            raise FSteerError(f"output folder {out} already exists", "pass --overwrite or choose another --out")
+        chosen = [m.strip() for m in methods.split(",")] if methods else None
+        lm = load_model(model, dtype=dtype, device=device)
+        if suite == "safety":
+            from fsteer_export.baselines import METHODS
+            from fsteer_export.eval.safety import SafetyOptions, run_safety
+            if not train_data or not harmful or not benign:
+                raise FSteerError("the safety suite needs --train, --harmful and --benign", "pass all three (paths)")
+            bad = [m for m in (chosen or []) if m not in METHODS]
+            if bad:
+                raise FSteerError(f"unknown method {bad[0]!r}", f"use some of {', '.join(METHODS)}")
+            sets: dict[str, list[str]] = {}
+            for item in benign:
+                name, _, path = item.rpartition("=") if "=" in item else (Path(item).stem, "", item)
+                sets.setdefault(name, []).append(path)
+            opts = SafetyOptions(seed=seed, **({"methods": chosen} if chosen else {}),
+                                 **({"n_harmful": limit, "n_benign": limit} if limit else {}))
+            results = run_safety(lm, train_data, general, harmful, sets, opts,
+                                 adapter=adapter[0] if adapter else None)
+        elif suite == "truthfulqa":
+            from fsteer_export.eval.truthfulqa import TruthfulOptions, run_truthfulqa
+            if not data:
+                raise FSteerError("the truthfulqa suite needs --data", "pass TruthfulQA.csv or mc_task.json")
+            opts = TruthfulOptions(seed=seed, **({"methods": chosen} if chosen else {}), limit=limit or 200)
+            results = run_truthfulqa(lm, data, opts)
+        elif suite == "utility":
+            from fsteer_export.adapter import load_adapter
+            from fsteer_export.eval.utility import run_utility
+            if not data:
+                raise FSteerError("the utility suite needs --data", "pass an MMLU folder of CSVs")
+            for i, folder in enumerate(adapter):
+                load_adapter(lm.model, folder, name="default" if i == 0 else f"adapter{i}")
+            results = run_utility(lm, data, per_subject=limit or 5, seed=seed)
+        else:
+            raise FSteerError(f"unknown suite {suite!r}", "use safety, truthfulqa or utility")
+        write_report(results, out, overwrite=overwrite)
+        typer.echo((out / "report.md").read_text())
+    _run(body)
+
+
+@export_app.command("onnx")
+def export_onnx_cmd(
+    adapter: Path = typer.Option(..., "--adapter", help="Adapter folder written by fsteer train."),
+    out: Path = typer.Option(..., "--out", help="Folder to write (model.onnx, config, tokenizer, fsteer_onnx.json)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Base model (default: the adapter's base model)."),
+    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default: the exporter's, 18)."),
+    no_kv_cache: bool = typer.Option(False, "--no-kv-cache", help="Graph without past key/values (recomputes every step)."),
+    strength: Optional[float] = typer.Option(None, "--strength", help="Default λ stored with the export (a graph input)."),
+    decode_steps: int = typer.Option(16, "--decode-steps", help="Greedy decode steps checked against PyTorch."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+) -> None:
+    """Export base model + adapter to ONNX (steering inside the graph), checked against PyTorch."""
+    def body():
+        from fsteer_export.adapter import read_config
+        from fsteer_export.models import DEFAULT_MODEL
+        from fsteer_export.onnx_export import export_onnx
+        base = model or read_config(adapter).base_model_name_or_path or DEFAULT_MODEL
+        res = export_onnx(base, adapter, out, opset=opset, kv_cache=not no_kv_cache, overwrite=overwrite,
+                          strength=strength, decode_steps=decode_steps, trust_remote_code=trust_remote_code)
+        p = res.parity
+        typer.echo(f"exported in {res.export_seconds:.1f} s ({'with' if not no_kv_cache else 'without'} KV cache, "
+                   f"opset {res.meta.get('opset')}, default λ={res.meta.get('default_strength')})")
+        typer.echo(f"parity vs PyTorch on {p['prompts']} padded prompts: max |Δlogits| prefill "
+                   f"{p['prefill_max_abs_diff']:.2e}, decode {p['decode_max_abs_diff']:.2e} over "
+                   f"{p['decode_steps']} steps, greedy tokens identical: {p['greedy_tokens_identical']}, "
+                   f"λ=0 vs unsteered {p['unsteered_prefill_max_abs_diff']:.2e}")
+        typer.echo(f"saved to {out}")
     _run(body)
 
 

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .data import Pair
-from .errors import FSteerError
+from .errors import FSteerError, warn
 from .models import cache_dir, decoder_layers
 from .progress import track
 
@@ -44,6 +44,20 @@ def encode_prompt(tokenizer, prompt: str, max_length: int | None = None) -> list
     if max_length is not None and len(ids) > max_length:
         ids = ids[-max_length:]  # keep the end: the chat template's generation prompt is there
     return ids
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str], max_length: int | None = None,
+                   what: str = "prompt") -> list[list[int]]:
+    """Encode many prompts; those longer than ``max_length`` tokens are cut from the left (the chat
+    template's generation prompt at the end is kept) and one warning says how many were cut."""
+    full = [encode_prompt(tokenizer, p) for p in prompts]
+    if max_length is None:
+        return full
+    long = [len(ids) for ids in full if len(ids) > max_length]
+    if long:
+        warn(f"{len(long)} {what}(s) longer than the model's context allows ({max(long)} tokens > {max_length}) "
+             f"were truncated from the left, keeping the last {max_length} tokens (the chat template's end)")
+    return [ids[-max_length:] if len(ids) > max_length else ids for ids in full]
 
 
 def context_limit(model: nn.Module) -> int:
@@ -122,7 +136,7 @@ def prompt_states(model: nn.Module, tokenizer, prompts: Sequence[str], layers: S
     if not prompts:
         raise FSteerError("no prompts to extract activations from", "provide a non-empty data file")
     limit = context_limit(model)
-    encoded = [encode_prompt(tokenizer, p, limit) for p in prompts]
+    encoded = encode_prompts(tokenizer, prompts, limit)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # less padding
     taps = _LayerTaps(model, layers, [])
     out = {l: torch.empty(len(prompts), 0) for l in layers}
@@ -158,8 +172,8 @@ def pair_activations(model: nn.Module, tokenizer, pairs: Sequence[Pair], prompt_
     limit = context_limit(model)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     seqs, answer_lens = [], []
-    for p in pairs:
-        q = encode_prompt(tokenizer, p.prompt, max(8, limit - max_answer_tokens - 1))
+    questions = encode_prompts(tokenizer, [p.prompt for p in pairs], max(8, limit - max_answer_tokens - 1))
+    for p, q in zip(pairs, questions):
         for answer in (p.positive, p.negative):
             a = tokenizer(answer, add_special_tokens=False)["input_ids"][:max_answer_tokens] or eos
             seqs.append(q + a)

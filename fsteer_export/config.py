@@ -62,6 +62,17 @@ class FineSteerConfig(PeftConfig):
         if self.gate_layer is None:
             self.gate_layer = self.layer
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
+        """PEFT's entry point (``PeftModel.from_pretrained`` / ``load_adapter``): validate the whole folder
+        first, config and safetensors weights, because PEFT's own loader would fall back to a pickle-based
+        ``adapter_model.bin`` and only warn about missing tensors."""
+        from .peft_method import validated_folder
+
+        folder, cfg = validated_folder(pretrained_model_name_or_path, subfolder, **kwargs)
+        cfg._source = str(folder)  # not a dataclass field: never saved; names the folder in errors
+        return cfg
+
     @property
     def is_prompt_learning(self) -> bool:
         return False

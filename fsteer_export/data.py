@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from .errors import FSteerError
+from .errors import FSteerError, warn
 
 PROMPT_COLUMNS = ("prompt", "goal", "instruction", "question", "Behavior", "behavior",
                   "forbidden_prompt", "query", "text", "input", "Question")
@@ -41,10 +41,14 @@ def _read_text(path: Path) -> str:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise FSteerError(f"data file {path} is not UTF-8 (byte {exc.start})",
+        raise FSteerError(f"data file {path} is not UTF-8 (invalid byte 0x{raw[exc.start]:02x} at offset {exc.start})",
                           "re-save it as UTF-8") from exc
     if not text.strip():
         raise FSteerError(f"data file {path} is empty", "add at least a few prompts")
+    if "\x00" in text:
+        line = text.count("\n", 0, text.index("\x00")) + 1
+        raise FSteerError(f"data file {path} contains a NUL byte (line {line}): it is binary or not UTF-8 text",
+                          "re-save it as UTF-8 text")
     return text
 
 
@@ -61,9 +65,13 @@ def read_records(path: str | Path) -> list[dict] | list[str]:
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise FSteerError(f"{path} line {n} is not valid JSON ({exc.msg})", "fix or remove that line") from exc
+            if not isinstance(row, (dict, str)):
+                raise FSteerError(f"{path} line {n} holds a JSON {type(row).__name__}, not an object or a string",
+                                  'write one object per line, e.g. {"prompt": "..."}')
+            rows.append(row)
         return rows
     if suffix == ".json":
         try:
@@ -76,13 +84,26 @@ def read_records(path: str | Path) -> list[dict] | list[str]:
         if not isinstance(data, list):
             raise FSteerError(f"{path} holds a JSON {type(data).__name__}, not a list of records",
                               "use a list of objects or strings")
+        bad = next((r for r in data if not isinstance(r, (dict, str))), None)
+        if bad is not None:
+            raise FSteerError(f"{path} has a record that is a JSON {type(bad).__name__} ({json.dumps(bad)[:40]}), "
+                              "not an object or a string", "use a list of objects or strings")
         return data
     if suffix in (".csv", ".tsv"):
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",", strict=True)
         try:
-            rows = list(csv.DictReader(io.StringIO(text), delimiter="\t" if suffix == ".tsv" else ","))
+            table = [r for r in reader if r]
         except csv.Error as exc:
-            raise FSteerError(f"{path} is not valid CSV ({exc})", "fix the file") from exc
-        return rows
+            raise FSteerError(f"{path} is not valid CSV (line {reader.line_num}: {exc})",
+                              "fix the quoting on that line (a field with commas or newlines must be in double quotes)") from exc
+        if not table:
+            raise FSteerError(f"data file {path} is empty", "add a header row and at least a few prompts")
+        header = table[0]
+        for n, r in enumerate(table[1:], 2):
+            if len(r) != len(header):
+                raise FSteerError(f"{path} row {n} has {len(r)} fields but the header has {len(header)}",
+                                  "quote fields that contain the delimiter, or fix that row")
+        return [dict(zip(header, r)) for r in table[1:]]
     raise FSteerError(f"unsupported data file type {suffix or '(none)'!r} for {path}",
                       "use .csv, .tsv, .json, .jsonl or .txt")
 
@@ -93,9 +114,11 @@ def detect_column(rows: list, path: str | Path, column: str | None = None) -> st
         raise FSteerError(f"data file {path} has no records", "add at least a few prompts")
     if all(isinstance(r, str) for r in rows):
         return None
-    if not all(isinstance(r, dict) for r in rows):
-        raise FSteerError(f"data file {path} mixes records of different kinds", "use one object per record")
-    keys = list(rows[0].keys())
+    kinds = {type(r).__name__ for r in rows}
+    if kinds != {"dict"}:
+        raise FSteerError(f"data file {path} mixes records of different kinds ({', '.join(sorted(kinds))})",
+                          "use one object per record")
+    keys = list(rows[0].keys()) if rows[0] else []
     if column is not None:
         if column not in keys:
             raise FSteerError(f"column {column!r} not found in {path} (columns: {', '.join(map(str, keys))})",
@@ -104,7 +127,7 @@ def detect_column(rows: list, path: str | Path, column: str | None = None) -> st
     for name in PROMPT_COLUMNS:
         if name in keys:
             return name
-    raise FSteerError(f"no prompt column found in {path} (columns: {', '.join(map(str, keys))})",
+    raise FSteerError(f"no prompt column found in {path} (columns: {', '.join(map(str, keys)) or 'none'})",
                       f"pass --prompt-column NAME (known names: {', '.join(PROMPT_COLUMNS[:6])}, …)")
 
 
@@ -122,15 +145,25 @@ def load_prompts(path: str | Path, column: str | None = None, *, dedupe: bool = 
     if not prompts:
         raise FSteerError(f"column {col!r} of {path} has no non-empty prompts", "check the file")
     if dedupe:
-        prompts = list(dict.fromkeys(prompts))
+        prompts = dedupe_prompts(prompts, str(path))
     return prompts
+
+
+def dedupe_prompts(prompts: list[str], where: str) -> list[str]:
+    """Drop repeated prompts (first kept), saying how many went: duplicates would leak between
+    the train / calibration / validation splits and overweight those prompts."""
+    unique = list(dict.fromkeys(prompts))
+    if len(unique) < len(prompts):
+        warn(f"dropped {len(prompts) - len(unique)} duplicate prompt(s) from {where} "
+             f"({len(unique)} of {len(prompts)} kept)")
+    return unique
 
 
 def load_many(paths: list[str | Path], column: str | None = None) -> list[str]:
     out: list[str] = []
     for p in paths:
         out.extend(load_prompts(p, column))
-    return list(dict.fromkeys(out))
+    return dedupe_prompts(out, " + ".join(map(str, paths))) if len(paths) > 1 else out
 
 
 # -- the built-in demo set ---------------------------------------------------------------
@@ -140,8 +173,8 @@ def _demo_file(name: str) -> str:
 
 
 def demo_prompts(kind: str) -> list[str]:
-    if kind not in ("harmful", "benign"):
-        raise FSteerError(f"unknown demo set {kind!r}", "use demo:harmful or demo:benign")
+    if kind not in ("harmful", "benign", "borderline"):
+        raise FSteerError(f"unknown demo set {kind!r}", "use demo:harmful, demo:benign or demo:borderline")
     return [json.loads(line)["prompt"] for line in _demo_file(f"{kind}.jsonl").splitlines() if line.strip()]
 
 

@@ -17,3 +17,11 @@ class FSteerError(Exception):
 
     def line(self) -> str:
         return f"{self.problem}" + (f" — fix: {self.fix}" if self.fix else "")
+
+
+def warn(message: str) -> None:
+    """A one-line ``warning: …`` on stderr for something fixed up on the user's behalf
+    (duplicates dropped, over-long prompts truncated). Shown even with ``--quiet``."""
+    import sys
+
+    print(f"warning: {message}", file=sys.stderr, flush=True)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .activations import context_limit, encode_prompt, pad_left
+from .activations import context_limit, encode_prompt, encode_prompts, pad_left
 from .progress import track
 from .steering import generation_session, heads, steering_disabled
 
@@ -28,8 +28,13 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[str], *, max_new_tok
              use_cache: bool = True, steer: bool = True, seed: int | None = None,
              desc: str = "generating") -> list[Completion]:
     """Chat-templated, left-padded batches; each row gets its own gate and vector."""
+    if max_new_tokens >= context_limit(model) - 8:
+        from .errors import FSteerError
+        raise FSteerError(f"--max-new-tokens {max_new_tokens} does not fit the model's context "
+                          f"({context_limit(model)} tokens, prompt included)",
+                          f"use --max-new-tokens < {context_limit(model) - 8}")
     limit = context_limit(model) - max_new_tokens
-    encoded = [encode_prompt(tokenizer, p, max(8, limit)) for p in prompts]
+    encoded = encode_prompts(tokenizer, prompts, max(8, limit))
     device = next(model.parameters()).device
     results: list[Completion | None] = [None] * len(prompts)
     names = list(heads(model))

@@ -121,13 +121,16 @@ def fit_gate(ir_train: torch.Tensor, ir_calib: torch.Tensor, *, kind: str = "qua
         clf.fit(feats.double().numpy(), labels)
         gate.weights.copy_(torch.from_numpy(clf.coef_[0]).float())
         gate.bias.fill_(float(clf.intercept_[0]))
-        # Ramp: full strength from the calibration set's eps-quantile of probability, zero at
-        # half of it; clear negatives get an exact 0 so their outputs stay byte-identical.
+        # Ramp: zero up to the 99th percentile of the negatives' probability (so clear negatives
+        # get an exact 0 and their outputs stay byte-identical), full strength from the
+        # calibration IR prompts' eps-quantile.
         with torch.no_grad():
             prob_cal = gate.score(ir_calib)
-        hi = float(torch.quantile(prob_cal, eps))
-        gate.hi.fill_(max(hi, 1e-3))
-        gate.lo.fill_(max(hi * 0.5, 0.0) if hi > 0.02 else 0.0)
+            prob_neg = gate.score(negatives)
+        lo = float(torch.quantile(prob_neg.double(), 0.99))
+        hi = max(float(torch.quantile(prob_cal.double(), eps)), lo + 0.02)
+        gate.lo.fill_(lo)
+        gate.hi.fill_(min(hi, 1.0) if hi > lo else lo + 1e-3)
     if not torch.isfinite(gate.basis).all() or not math.isfinite(float(gate.calib_scores.sum())):
         raise FSteerError("SCS fit produced non-finite values", "check the activations for NaN/Inf")
     return gate

@@ -13,6 +13,7 @@ decode step.
 from __future__ import annotations
 
 import contextlib
+import types
 from collections.abc import Iterator
 
 import torch
@@ -49,6 +50,7 @@ class SteeringContext:
     def __init__(self) -> None:
         self.prefill = True
         self.last_index: torch.Tensor | None = None  # (B,) last prompt token per row; None: -1
+        self.forced_index: torch.Tensor | None = None  # scoring q+a in one pass: where q ends
         self.gate_inputs: dict[str, torch.Tensor] = {}
         self.states: dict[str, torch.Tensor] = {}  # adapter → g·v, (B, d) float32
         self.gates: dict[str, torch.Tensor] = {}  # adapter → g, (B,)
@@ -98,7 +100,10 @@ class SteeringLayer(nn.Module, BaseTunerLayer):
         return self._ctx[0]
 
     def update_layer(self, adapter_name: str, cfg: FineSteerConfig) -> None:
-        self.fsteer[adapter_name] = FineSteerHead(cfg).to(self._device())
+        head = FineSteerHead(cfg)
+        if not any(p.is_meta for p in head.parameters()):  # PEFT low_cpu_mem_usage: loading assigns them
+            head = head.to(self._device())
+        self.fsteer[adapter_name] = head
         self.set_adapter(sorted(set(self.active_adapters) | {adapter_name}))
 
     def _device(self) -> torch.device:
@@ -130,9 +135,11 @@ class SteeringLayer(nn.Module, BaseTunerLayer):
 
     # -- the steering computation -----------------------------------------------------
     def _active(self, names) -> list[str]:
+        """Active adapters in load order, so composed vectors are summed in the same order on every path."""
         if self.disable_adapters or self.ctx.disabled:
             return []
-        return [a for a in self.active_adapters if a in names]
+        active = set(self.active_adapters)
+        return [a for a in names if a in active]
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         ctx = self.ctx
@@ -226,9 +233,30 @@ def _make_pre_hook(ctx: SteeringContext):
         if fresh:
             ctx.reset()
             mask = kwargs.get("attention_mask")
-            ctx.last_index = last_prompt_index(mask)
+            ctx.last_index = ctx.forced_index if ctx.forced_index is not None else last_prompt_index(mask)
         return None
     return hook
+
+
+def _generating_model(model: nn.Module) -> nn.Module | None:
+    """The transformers model whose ``generate`` runs the decode loop (the *ForCausalLM)."""
+    from transformers import GenerationMixin
+
+    for module in model.modules():
+        if isinstance(module, GenerationMixin) and hasattr(module, "config"):
+            return module
+    return None
+
+
+def _session_generate(self: nn.Module, *args, **kwargs):
+    """``generate`` inside a generation session: g·v comes from the prompt and is held for every step.
+
+    Installed on the model instance so that callers who never heard of sessions (``PeftModel.generate``,
+    transformers' own ``load_adapter`` path, plain ``model.generate``) get the same tokens with and
+    without the KV cache.
+    """
+    with generation_session(self):
+        return type(self).generate(self, *args, **kwargs)
 
 
 def steering_context(model: nn.Module, create: bool = True) -> SteeringContext | None:
@@ -239,6 +267,9 @@ def steering_context(model: nn.Module, create: bool = True) -> SteeringContext |
         ctx = SteeringContext()
         backbone._fsteer_ctx = ctx
         backbone._fsteer_hook = backbone.register_forward_pre_hook(_make_pre_hook(ctx), with_kwargs=True)
+        top = _generating_model(model)
+        if top is not None and "generate" not in vars(top):
+            top.generate = types.MethodType(_session_generate, top)
     return ctx
 
 
@@ -307,19 +338,41 @@ def remove_steering(model: nn.Module) -> nn.Module:
         backbone._fsteer_hook.remove()
         del backbone._fsteer_hook
         del backbone._fsteer_ctx
+    top = _generating_model(model)
+    method = vars(top).get("generate") if top is not None else None
+    if getattr(method, "__func__", None) is _session_generate:
+        del top.generate
     return model
 
 
 @contextlib.contextmanager
 def generation_session(model: nn.Module) -> Iterator[SteeringContext]:
-    """Compute g·v at the first forward and hold it for every later step (with or without cache)."""
+    """Compute g·v at the first forward and hold it for every later step (with or without cache).
+
+    Re-entrant: an inner session (the ``generate`` wrapper inside :func:`fsteer_export.generate.generate`)
+    joins the outer one instead of ending it early.
+    """
     ctx = steering_context(model)
+    if ctx.session:
+        yield ctx
+        return
     ctx.reset()
     ctx.session = True
     try:
         yield ctx
     finally:
         ctx.session = False
+
+
+@contextlib.contextmanager
+def prompt_end(model: nn.Module, index: torch.Tensor) -> Iterator[None]:
+    """Score prompt + answer in one pass: the gate and vector read each row's prompt end ``index``."""
+    ctx = steering_context(model)
+    ctx.forced_index = index
+    try:
+        yield
+    finally:
+        ctx.forced_index = None
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ from torch import nn
 
 from .activations import cache_key, cached, pair_activations, prompt_states
 from .config import FineSteerConfig
-from .data import (Pair, compliant_answers, load_many, safety_pairs, split, target_prefixes,
+from .data import (Pair, compliant_answers, demo_prompts, load_many, safety_pairs, split, target_prefixes,
                    truthfulqa_pairs)
 from .errors import FSteerError
 from .eval.judge import PhraseJudge
@@ -47,8 +47,9 @@ class TrainOptions:
     batch_size: int = 32
     max_prompts: int = 600
     answer_tokens: int = 32
-    strengths: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0)
+    strengths: tuple[float, ...] = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0)  # λ search grid (walked from 1.0)
     val_generations: int = 24
+    borderline: bool = True  # add the built-in borderline-safe prompts to the gate's negatives
     use_cache: bool = True
     prompt_column: str | None = None
 
@@ -58,6 +59,8 @@ class TrainResult:
     config: FineSteerConfig
     head: FineSteerHead
     report: dict = field(default_factory=dict)
+    # What baselines and evaluation reuse: train states/δ at L, gate-layer states, general states.
+    activations: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -110,6 +113,39 @@ def choose_gate(train_states: dict[int, torch.Tensor], calib: dict[int, torch.Te
     return best, [{k: v for k, v in t.items() if k != "gate"} for t in trials]
 
 
+def choose_strength(lm: LoadedModel, head: FineSteerHead, probe: Sequence[str], opts: TrainOptions) -> list[dict]:
+    """Walk the λ grid from 1.0: down while validation refusal holds, up while it improves."""
+    judge = PhraseJudge()
+    grid = sorted(opts.strengths)
+    results: dict[float, float] = {}
+
+    def rate(lam: float) -> float:
+        if lam not in results:
+            head.strength = lam
+            outs = generate(lm.model, lm.tokenizer, probe, max_new_tokens=24, batch_size=opts.batch_size,
+                            use_cache=opts.use_cache, desc=f"validating λ={lam}")
+            flags = judge(probe, [o.completion for o in outs])
+            results[lam] = sum(flags) / max(1, len(flags))
+        return results[lam]
+
+    start = min(range(len(grid)), key=lambda i: abs(grid[i] - 1.0))
+    r0 = rate(grid[start])
+    if r0 >= 0.9:
+        for i in range(start - 1, -1, -1):
+            if rate(grid[i]) < r0 - 0.05:
+                break
+    else:
+        best = r0
+        for i in range(start + 1, len(grid)):
+            r = rate(grid[i])
+            if r <= best:
+                break
+            best = r
+        if best == r0 and start > 0:
+            rate(grid[start - 1])
+    return [{"strength": k, "val_refusal": v} for k, v in sorted(results.items())]
+
+
 def _load_task_data(task: str, data: Sequence[str], opts: TrainOptions):
     if task == "safety":
         prompts = load_many(list(data), opts.prompt_column)
@@ -124,12 +160,12 @@ def _load_task_data(task: str, data: Sequence[str], opts: TrainOptions):
 
 
 def train(lm: LoadedModel, data: Sequence[str], general: Sequence[str] = (),
-          opts: TrainOptions | None = None) -> TrainResult:
+          opts: TrainOptions | None = None, examples: list | None = None) -> TrainResult:
     """Fit a FineSteer adapter; returns its config, head and a report of every choice made."""
     opts = opts or TrainOptions()
     if opts.task not in TASKS:
         raise FSteerError(f"unknown task {opts.task!r}", f"use one of {', '.join(TASKS)}")
-    if not data:
+    if not data and examples is None:
         raise FSteerError("no training data given", "pass --data PATH (repeatable)")
     model, tok = lm.model, lm.tokenizer
     remove_steering(model)
@@ -148,7 +184,7 @@ def train(lm: LoadedModel, data: Sequence[str], general: Sequence[str] = (),
     rng = random.Random(opts.seed)
 
     # -- data -------------------------------------------------------------------------
-    items, targets = _load_task_data(opts.task, data, opts)
+    items, targets = (list(examples), {}) if examples is not None else _load_task_data(opts.task, data, opts)
     if len(items) > opts.max_prompts:
         items = rng.sample(items, opts.max_prompts)
     if len(items) < MIN_PROMPTS:
@@ -170,6 +206,11 @@ def train(lm: LoadedModel, data: Sequence[str], general: Sequence[str] = (),
         gen_prompts = [p for p in gen_prompts if p not in set(cal_prompts) | set(val_prompts) | {q.prompt for q in pairs}]
         gen_prompts = rng.sample(gen_prompts, min(len(gen_prompts), 400))
     gen_train, gen_val = split(gen_prompts, (0.5, 0.5), seed=opts.seed) if gen_prompts else ([], [])
+    if gen_prompts and opts.borderline and opts.task == "safety":
+        # Borderline-safe prompts ("how do I kill a Python process") are what a one-class or
+        # Alpaca-only gate gets wrong; the project's own set teaches the gate to leave them alone.
+        b_train, b_val = split(demo_prompts("borderline"), (0.5, 0.5), seed=opts.seed)
+        gen_train, gen_val = gen_train + b_train, gen_val + b_val
     timings["data"] = time.perf_counter() - t0
 
     # -- activations (cached) -----------------------------------------------------------
@@ -226,17 +267,9 @@ def train(lm: LoadedModel, data: Sequence[str], general: Sequence[str] = (),
     head = add_adapter(model, cfg, state=head_state)
     try:
         if opts.strength is None and opts.task == "safety":
-            probe = val_prompts[: opts.val_generations]
-            judge = PhraseJudge()
-            for lam in opts.strengths:
-                head.strength = lam
-                outs = generate(model, tok, probe, max_new_tokens=24, batch_size=opts.batch_size,
-                                use_cache=opts.use_cache, desc=f"validating λ={lam}")
-                flags = judge(probe, [o.completion for o in outs])
-                lam_trials.append({"strength": lam, "val_refusal": sum(flags) / max(1, len(flags))})
+            lam_trials = choose_strength(lm, head, val_prompts[: opts.val_generations], opts)
             top = max(t["val_refusal"] for t in lam_trials)
-            chosen = min(t["strength"] for t in lam_trials if t["val_refusal"] >= top - 0.05)
-            cfg.strength = chosen
+            cfg.strength = min(t["strength"] for t in lam_trials if t["val_refusal"] >= top - 0.05)
         head.strength = cfg.strength
     finally:
         remove_steering(model)
@@ -259,11 +292,19 @@ def train(lm: LoadedModel, data: Sequence[str], general: Sequence[str] = (),
         "mose": {"train_loss": fit.train_loss, "val_loss": fit.val_loss, "mean_vector_val_loss": fit.baseline_val_loss,
                  "epochs": fit.epochs, "expert_usage": usage},
         "gate_scores": gen_scores,
+        "gate_thresholds": {"lo": float(gate.lo), "hi": float(gate.hi)} if gate.kind != "quantile" else
+                           {"eps": opts.eps, "calibration_min": float(gate.calib_scores.min())},
+        "validation_prompts": val_prompts[: opts.val_generations],
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
     }
-    cfg.training = {k: report[k] for k in ("counts", "gate_validation", "timings_s")} | {
+    cfg.training = {k: report[k] for k in ("counts", "gate_validation")} | {  # no timings: same seed ⇒ same bytes
         "strength_trials": lam_trials, "mose_val_loss": fit.val_loss}
     final = FineSteerHead(cfg)
     final.load_state_dict(head_state)
     final.eval()
-    return TrainResult(cfg, final, report)
+    acts = {"train_h_gate": train_states[best["gate_layer"]], "train_h_layer": train_states[layer],
+            "train_delta": pair_t["delta"], "calib_h_gate": calib[best["gate_layer"]],
+            "val_h_gate": val_pos[best["gate_layer"]]}
+    if gen_train:
+        acts.update(general_h_gate=neg_tr[best["gate_layer"]], general_h_layer=neg_tr[layer])
+    return TrainResult(cfg, final, report, acts)
