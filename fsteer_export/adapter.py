@@ -82,7 +82,8 @@ def check_output_folder(out: str | Path, overwrite: bool = False) -> None:
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        raise FSteerError(f"cannot write to {parent}: {existing} is a file, not a folder", "choose a writable --out")
+        where = "it" if existing == parent else str(existing)
+        raise FSteerError(f"cannot write to {parent}: {where} is a file, not a folder", "choose a writable --out")
     if parent.exists():
         try:
             Path(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=parent)).rmdir()
@@ -119,7 +120,11 @@ def atomic_folder(out: str | Path, overwrite: bool = False):
         if out.exists():
             backup = parent / f".{out.name}.old-{os.getpid()}"
             os.replace(out, backup)
-            os.replace(tmp, out)
+            try:
+                os.replace(tmp, out)
+            except BaseException:  # put the old folder back: --overwrite never loses it
+                os.replace(backup, out)
+                raise
             shutil.rmtree(backup, ignore_errors=True)
         else:
             os.replace(tmp, out)

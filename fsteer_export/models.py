@@ -184,18 +184,21 @@ def model_type(model: nn.Module) -> str:
     return getattr(model.config, "model_type", type(model).__name__)
 
 
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PeftModel / PEFT tuner (or the model itself)."""
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTuner
+
+    base = model
+    while isinstance(base, (PeftModel, BaseTuner)):
+        base = base.base_model if isinstance(base, PeftModel) else base.model
+    return base
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The list of decoder layers of a supported causal LM; a clear error for anything else."""
     mtype = model_type(model)
-    base = model
-    # A PeftModel / tuner wraps the transformers model: unwrap to the *ForCausalLM.
-    while not hasattr(base, "config") or type(base).__name__.startswith("Peft") or hasattr(base, "peft_config") and hasattr(base, "model") and not hasattr(base, "lm_head"):
-        if hasattr(base, "base_model") and base.base_model is not base:
-            base = base.base_model
-        elif hasattr(base, "model"):
-            base = base.model
-        else:
-            break
+    base = unwrap_peft(model)
     path = _LAYER_PATHS.get(mtype)
     if path is None:
         raise FSteerError(f"unsupported architecture {mtype!r}",

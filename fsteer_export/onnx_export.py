@@ -26,6 +26,7 @@ temporary path and renamed at the end, so a failed export leaves nothing at ``ou
 from __future__ import annotations
 
 import json
+import logging
 import time
 import warnings
 from collections.abc import Sequence
@@ -180,11 +181,17 @@ def _export_graph(wrapper: SteeredGraph, kv: list[tuple[int, int]], d: int, voca
         args.append(torch.tensor(True, device=device))
         shapes.append(({},))  # a scalar: nothing dynamic (a tuple, like the varargs it describes)
     in_names, out_names = io_names(n, wrapper.kv_cache)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(wrapper, tuple(args), dynamic_shapes=tuple(shapes), input_names=in_names,
-                                    output_names=out_names, opset_version=opset, dynamo=True, optimize=optimize,
-                                    report=False, verbose=False)
+    noisy = logging.getLogger("torch.onnx._internal.exporter._registration")  # "torchvision is not installed"
+    level = noisy.level
+    noisy.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(wrapper, tuple(args), dynamic_shapes=tuple(shapes), input_names=in_names,
+                                        output_names=out_names, opset_version=opset, dynamo=True,
+                                        optimize=optimize, report=False, verbose=False)
+    finally:
+        noisy.setLevel(level)
     size = sum(p.numel() * p.element_size() for p in wrapper.model.parameters())
     external = size > EXTERNAL_DATA_BYTES
     program.save(str(path), external_data=external)

@@ -31,8 +31,19 @@ def train_kw() -> dict:
 
 @pytest.fixture(scope="session")
 def fsteer_cache(tmp_path_factory):
-    """Point FSTEER_CACHE (activation cache, converted checkpoints) at a fresh session folder."""
+    """Point FSTEER_CACHE at a fresh session folder: the activation cache starts empty.
+
+    Converted checkpoints (the SmolLM2 GGUF → safetensors conversion, ~20 s) are linked in from
+    the real cache, so slow tests on the real model do not convert again every session.
+    """
+    from fsteer_export.models import cache_dir
+
     folder = tmp_path_factory.mktemp("fsteer_cache")
+    real = cache_dir()
+    if real.is_dir():
+        for entry in real.iterdir():
+            if entry.name != "activations" and entry.is_dir() and (entry / "config.json").is_file():
+                (folder / entry.name).symlink_to(entry, target_is_directory=True)
     before = os.environ.get("FSTEER_CACHE")
     os.environ["FSTEER_CACHE"] = str(folder)
     yield folder

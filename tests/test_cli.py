@@ -135,7 +135,8 @@ def test_unwritable_output_fails_before_training(tiny_folder, tmp_path, monkeypa
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     line = one_line_error(invoke("train", "--model", tiny_folder, "--out", blocker / "sub" / "adapter", *TRAIN_ARGS))
-    assert f"cannot write to {blocker / 'sub'}" in line and "is a file, not a folder" in line and "fix:" in line
+    assert line == (f"error: cannot write to {blocker / 'sub'}: {blocker} is a file, not a folder — fix: choose a "
+                    "writable --out")
 
     def denied(*a, **k):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))

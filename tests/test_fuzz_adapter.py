@@ -32,7 +32,7 @@ from fsteer_export.errors import FSteerError
 from fsteer_export.steering import SteeringLayer, decoder_layers, remove_steering, strength_override
 from fsteer_export.testing import tiny_model
 
-EXAMPLES = int(os.environ.get("FSTEER_FUZZ_EXAMPLES", "60"))  # per corruption kind; 6 kinds
+EXAMPLES = int(os.environ.get("FSTEER_FUZZ_EXAMPLES", "150"))  # per corruption kind (6 kinds)
 # Derandomized by default so CI sees the same corruptions every run; FSTEER_FUZZ_RANDOM=1 explores.
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
                 derandomize=os.environ.get("FSTEER_FUZZ_RANDOM", "") in ("", "0"),

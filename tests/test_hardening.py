@@ -279,3 +279,28 @@ def test_read_config_and_weights_directly(adapter_copy):
     state = read_weights(adapter_copy, cfg)
     assert set(state) >= {"gate.mu", "gate.basis", "gate.calib_scores", "mose.experts", "mose.query.weight"}
     assert all(v.dtype == torch.float32 for v in state.values())
+
+
+def test_failed_overwrite_keeps_the_old_folder(tmp_path, monkeypatch):
+    import os
+
+    import fsteer_export.adapter as adapter_mod
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    real, calls = os.replace, []
+
+    def flaky(src, dst):
+        calls.append((Path(src).name, Path(dst).name))
+        if len(calls) == 2:  # the old folder was moved aside; moving the new one in is interrupted
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(adapter_mod.os, "replace", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_folder(out, overwrite=True) as tmp:
+            (tmp / "new.txt").write_text("new")
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert [p.name for p in out.iterdir()] == ["old.txt"]

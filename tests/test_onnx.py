@@ -31,14 +31,20 @@ PROMPTS = [*PARITY_PROMPTS, "What is the capital of France?", "Tell me a joke ab
 
 
 def _mixed_gate(lm, result) -> None:
-    """Re-calibrate the quantile gate: fires (g = 1) on the half of PROMPTS with the higher score."""
-    from fsteer_export.activations import prompt_states
+    """Re-calibrate the quantile gate: fires (g = 1) on the half of the parity prompts with the higher score.
+
+    The states are read as generation sees them (positions from the attention mask), which matters
+    for GPT-2's absolute position embeddings in a left-padded batch.
+    """
+    from fsteer_export.activations import encode_prompt, pad_left
+    from fsteer_export.onnx_export import position_ids_from_mask
 
     gate = result.head.gate
-    layer = result.config.gate_layer
-    states = prompt_states(lm.model, lm.tokenizer, PROMPTS[:4], [layer])[layer]
+    ids, mask = pad_left([encode_prompt(lm.tokenizer, p) for p in PARITY_PROMPTS], lm.tokenizer.pad_token_id, "cpu")
     with torch.no_grad():
-        s, _ = gate.project(states)
+        out = lm.model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                       output_hidden_states=True, use_cache=False)
+        s, _ = gate.project(out.hidden_states[result.config.gate_layer][:, -1])
     s = torch.sort(s).values
     gate.calib_scores.fill_(float((s[1] + s[2]) / 2))
 

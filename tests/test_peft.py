@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -16,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft import PeftModel, get_peft_model
+from peft.tuners.tuners_utils import set_adapter as peft_set_adapter
 
 import fsteer_export  # noqa: F401  (registers FINESTEER)
 from fsteer_export.activations import encode_prompt, pad_left
@@ -26,9 +27,6 @@ from fsteer_export.peft_method import FineSteerModel, complete_config, ensure_re
 from fsteer_export.steering import FineSteerHead, SteeringLayer, steering_context
 from fsteer_export.testing import tiny_model
 
-peft = pytest.importorskip("peft")
-from peft import PeftModel, get_peft_model  # noqa: E402
-from peft.tuners.tuners_utils import set_adapter as peft_set_adapter  # noqa: E402
 
 # The shared trained adapter (conftest: L = 2, G = 1, λ = 16) fires on the harmful-looking prompts
 # and not on the others, so every batch mixes steered and unsteered rows.

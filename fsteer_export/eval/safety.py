@@ -33,8 +33,8 @@ class SafetyOptions:
     n_harmful: int = 100
     n_benign: int = 100  # per benign set
     max_new_tokens: int = 32
-    sweep: Sequence[float] = (0.5, 1.0, 2.0, 3.0)
-    n_sweep: int = 32
+    sweep: Sequence[float] = (0.5, 1.0, 2.0)
+    n_sweep: int = 24
     batch_size: int = 32
     seed: int = 0
     train: TrainOptions = field(default_factory=TrainOptions)
