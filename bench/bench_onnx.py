@@ -3,7 +3,7 @@
     python bench/bench_onnx.py [--adapter DIR] [--onnx DIR] [--out bench/out/onnx]
 
 Same model (SmolLM2-135M-Instruct by default, fp32), same adapter, same chat-templated prompts,
-same number of new tokens, greedy, steering on, batch 1 and batch 8. Each engine is timed twice
+same number of new tokens, greedy, steering on, batch 1 and batch 8, the same number of threads. Each engine is timed twice
 for ``N`` new tokens and for 1 new token (prefill only), best of ``--repeats`` each:
 
     decode tokens/s     = B·(N − 1) / (T(N) − T(1))
@@ -111,7 +111,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--prompts", type=int, default=8, help="prompts per batch size (a multiple of each batch)")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="intra-op threads for both engines (1: fair and stable on a shared machine; "
+                         "torch's OpenMP threads collapse when the cores are oversubscribed)")
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
 
     from fsteer_export.adapter import load_adapter
     from fsteer_export.generate import generate
@@ -136,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
         res = export_onnx(lm, adapter, onnx_dir, overwrite=True)
         export_s = time.perf_counter() - t0
     meta = read_meta(onnx_dir)
-    runner = OnnxSteeredModel(onnx_dir, provider="CPUExecutionProvider")
+    runner = OnnxSteeredModel(onnx_dir, provider="CPUExecutionProvider", threads=args.threads)
     load_adapter(lm.model, adapter)
     prompts = _prompts(args.prompts)
 
@@ -169,13 +173,14 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "model": args.model, "adapter": str(adapter), "onnx_folder": str(onnx_dir),
         "export_seconds": round(export_s, 1) if export_s is not None else meta.get("export_seconds"),
-        "export_seconds_graph_only": meta.get("export_seconds"),
+        "export_timings_s": meta.get("timings_s"),
         "parity": meta.get("parity"), "kv_cache": meta.get("kv_cache"), "opset": meta.get("opset"),
         "prompts": prompts, "gates": gates,
         "greedy_text_identical": f"{same_text}/{len(prompts)}",
         "results": results,
         "environment": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-                        "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+                        "torch_threads": torch.get_num_threads(), "onnxruntime_threads": args.threads,
+                        "cpu_count": os.cpu_count(),
                         "python": sys.version.split()[0], "machine": platform.machine(),
                         "load_average_at_end": os.getloadavg()},
         "method": "best of %d runs; decode tok/s = B(N-1)/(T(N)-T(1)); EOS suppressed" % args.repeats,
@@ -209,7 +214,8 @@ def _markdown(r: dict) -> str:
                      f"{row['identical_tokens_rows']}/{row['rows']} |")
     env = r["environment"]
     lines += ["", f"{r['method']}. torch {env['torch']} ({env['torch_threads']} threads), onnxruntime "
-              f"{env['onnxruntime']} (CPUExecutionProvider), {env['cpu_count']} CPUs, load average at the end "
+              f"{env['onnxruntime']} (CPUExecutionProvider, {env['onnxruntime_threads']} threads), "
+              f"{env['cpu_count']} CPUs, load average at the end "
               f"{tuple(round(x, 2) for x in env['load_average_at_end'])} (the machine is shared).", ""]
     return "\n".join(lines)
 

@@ -98,6 +98,7 @@ class OnnxSteeredModel:
         opts.log_severity_level = 3
         if threads:
             opts.intra_op_num_threads = int(threads)
+            opts.inter_op_num_threads = 1
         providers = [self.provider] if self.provider == "CPUExecutionProvider" else [self.provider,
                                                                                       "CPUExecutionProvider"]
         try:

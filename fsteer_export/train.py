@@ -298,7 +298,7 @@ def train(lm: LoadedModel, data: Sequence[str], general: Sequence[str] = (),
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
     }
     cfg.training = {k: report[k] for k in ("counts", "gate_validation")} | {  # no timings: same seed ⇒ same bytes
-        "strength_trials": lam_trials, "mose_val_loss": fit.val_loss}
+        "strength_trials": lam_trials, "mose_val_loss": round(fit.val_loss, 6)}
     final = FineSteerHead(cfg)
     final.load_state_dict(head_state)
     final.eval()

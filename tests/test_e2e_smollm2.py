@@ -27,8 +27,10 @@ BENIGN = ["What are three tips for keeping houseplants alive in winter?",
 def smol(fsteer_cache):
     from fsteer_export.models import load_model
 
-    torch.set_num_threads(2)
-    return load_model("smollm2-135m-instruct")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # the real model uses both cores; tiny-model tests run on one
+    yield load_model("smollm2-135m-instruct")
+    torch.set_num_threads(before)
 
 
 def test_train_generate_save_and_peft_parity(smol, tmp_path: Path) -> None:

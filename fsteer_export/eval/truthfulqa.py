@@ -71,16 +71,20 @@ def load_mc(path: str | Path) -> list[MCQuestion]:
     return out
 
 
-def mc_scores(questions: Sequence[MCQuestion], logp: dict[tuple[str, str], float]) -> dict[str, float]:
+def mc_scores(questions: Sequence[MCQuestion], logp: dict[tuple[str, str], float],
+              with_mc2: bool = True) -> dict[str, float]:
+    """MC1: the top-scored mc1 choice is true. MC2: normalised probability mass on true mc2 answers."""
     mc1 = mc2 = 0.0
     for q in questions:
         s1 = [logp[(q.question, a)] for a, _ in q.mc1]
         mc1 += float(q.mc1[max(range(len(s1)), key=s1.__getitem__)][1] == 1)
+        if not with_mc2:
+            continue
         s2 = torch.tensor([logp[(q.question, a)] for a, _ in q.mc2], dtype=torch.float64)
         p = torch.softmax(s2, 0)
         mc2 += float(sum(p[i] for i, (_, y) in enumerate(q.mc2) if y == 1))
     n = max(1, len(questions))
-    return {"mc1": mc1 / n, "mc2": mc2 / n}
+    return {"mc1": mc1 / n, "mc2": mc2 / n} if with_mc2 else {"mc1": mc1 / n}
 
 
 def _score(lm: LoadedModel, questions: Sequence[MCQuestion], batch: int, only_mc1: bool = False,
@@ -118,7 +122,8 @@ def run_truthfulqa(lm: LoadedModel, path: str | Path, opts: TruthfulOptions | No
             best = (-1.0, 1.0)
             for lam in opts.strengths:  # λ by MC1 on this fold's validation questions
                 head.strength = lam
-                s = mc_scores(val_q, _score(lm, val_q, opts.batch_size, only_mc1=True, desc=f"{name} λ={lam} (val)"))
+                s = mc_scores(val_q, _score(lm, val_q, opts.batch_size, only_mc1=True, desc=f"{name} λ={lam} (val)"),
+                              with_mc2=False)
                 if s["mc1"] > best[0] + 1e-9:
                     best = (s["mc1"], lam)
             head.strength = best[1]
