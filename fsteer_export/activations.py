@@ -76,6 +76,12 @@ def pad_left(seqs: Sequence[list[int]], pad_id: int, device) -> tuple[torch.Tens
     return ids.to(device), mask.to(device)
 
 
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions as HF generate computes them for left padding (absolute-position models like GPT-2
+    then see the same positions in training, scoring and generation)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
 class _StopForward(Exception):
     """Raised by the last needed layer's hook: the rest of the network is not computed."""
 
@@ -110,7 +116,8 @@ class _LayerTaps:
 
     def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         try:
-            self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            self.model(input_ids=input_ids, attention_mask=attention_mask,
+                       position_ids=position_ids(attention_mask), use_cache=False)
         except _StopForward:
             pass
 
@@ -217,8 +224,11 @@ def pair_activations(model: nn.Module, tokenizer, pairs: Sequence[Pair], prompt_
 
 # -- cache -------------------------------------------------------------------------------
 
+CACHE_VERSION = 2  # bump when extraction changes (2: explicit position_ids from the mask)
+
+
 def cache_key(*parts) -> str:
-    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    blob = json.dumps([CACHE_VERSION, *parts], sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:24]
 
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..activations import encode_prompt, pad_left
+from ..activations import encode_prompt, pad_left, position_ids
 from ..progress import track
 from ..steering import prompt_end
 
@@ -38,7 +38,8 @@ def answer_logprobs(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]
         width = ids.shape[1]
         alen = torch.tensor([a_lens[i] for i in idx], device=device)
         with prompt_end(model, width - alen - 1):
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
+                           use_cache=False).logits.float()
         logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
         pos = torch.arange(1, width, device=device)[None, :]
         amask = pos >= (width - alen)[:, None]
@@ -60,6 +61,7 @@ def choice_logits(model: nn.Module, tokenizer, prompts: Sequence[str], choices: 
     for start in track(range(0, len(order), batch_size), desc, total=math.ceil(len(order) / batch_size)):
         idx = order[start:start + batch_size]
         ids, mask = pad_left([encoded[i] for i in idx], tokenizer.pad_token_id, device)
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, -1].float()
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
+                       use_cache=False).logits[:, -1].float()
         out[idx] = logits[:, label_ids].cpu()
     return out
