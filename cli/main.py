@@ -235,8 +235,8 @@ def eval_cmd(
         from fsteer_export.errors import FSteerError
         from fsteer_export.eval.report import write_report
         from fsteer_export.models import load_model
-        if out.exists() and not overwrite:
-            raise FSteerError(f"output folder {out} already exists", "pass --overwrite or choose another --out")
+        from fsteer_export.adapter import check_output_folder
+        check_output_folder(out, overwrite)  # before loading the model and any long work
         chosen = [m.strip() for m in methods.split(",")] if methods else None
         lm = load_model(model, dtype=dtype, device=device)
         if suite == "safety":

@@ -105,10 +105,7 @@ def _os_reason(exc: OSError) -> str:
 def atomic_folder(out: str | Path, overwrite: bool = False):
     """Yield a temp folder next to ``out``; on success it replaces ``out``; on any error it vanishes."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FSteerError(f"output folder {out} already exists", "pass --overwrite or choose another --out")
-    if out.exists() and not out.is_dir():
-        raise FSteerError(f"output path {out} exists and is not a folder", "choose another --out")
+    check_output_folder(out, overwrite)
     parent = out.parent if str(out.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
