@@ -73,6 +73,7 @@ def train(
     gate: Optional[str] = typer.Option(None, "--gate", help="quantile | logistic | soft (default: logistic with --general)."),
     rank: Optional[int] = typer.Option(None, "--rank", help="SCS subspace rank (default: chosen on validation)."),
     prompt_column: Optional[str] = typer.Option(None, "--prompt-column", help="Column holding the prompt."),
+    on_policy: bool = typer.Option(False, "--on-policy", help="Use the model's own greedy answers as the compliant side (one extra generation pass)."),
     seed: int = typer.Option(0, "--seed"),
     dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16"),
     device: str = typer.Option("auto", "--device"),
@@ -87,7 +88,8 @@ def train(
         check_output_folder(out, overwrite)  # before loading and training: fail fast, write nothing
         lm = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
         opts = TrainOptions(task=task, layer=layer, gate_layer=gate_layer, experts=experts, strength=strength,
-                            gate_kind=gate, gate_rank=rank, seed=seed, prompt_column=prompt_column)
+                            gate_kind=gate, gate_rank=rank, seed=seed, prompt_column=prompt_column,
+                            on_policy=on_policy)
         result = run_train(lm, data, general, opts)
         save_adapter(out, result.config, result.head, report=result.report, overwrite=overwrite)
         r = result.report

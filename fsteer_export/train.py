@@ -50,6 +50,7 @@ class TrainOptions:
     strengths: tuple[float, ...] = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0)  # λ search grid (walked from 1.0)
     val_generations: int = 24
     borderline: bool = True  # add the built-in borderline-safe prompts to the gate's negatives
+    on_policy: bool = False  # compliant side = the model's own greedy answer (costs one generation pass)
     use_cache: bool = True
     prompt_column: str | None = None
 
@@ -155,6 +156,16 @@ def choose_strength(lm: LoadedModel, head: FineSteerHead, probe: Sequence[str], 
     return [{"strength": k, "val_refusal": v} for k, v in sorted(results.items())]
 
 
+def own_answers(lm: LoadedModel, prompts: Sequence[str], fallback: Sequence[str], opts: TrainOptions) -> list[str]:
+    """The unsteered model's own greedy answers as the compliant side (DESIGN §2.1: δ then measures
+    what the model actually does, not a data set's canned target). Where the model already refuses,
+    the fallback answer is kept, so the pair still contrasts refusal with compliance."""
+    outs = generate(lm.model, lm.tokenizer, list(prompts), max_new_tokens=opts.answer_tokens,
+                    batch_size=opts.batch_size, use_cache=opts.use_cache, desc="model's own answers")
+    refused = PhraseJudge()(list(prompts), [o.completion for o in outs])
+    return [f if r or not o.completion.strip() else o.completion for o, f, r in zip(outs, fallback, refused)]
+
+
 def _load_task_data(task: str, data: Sequence[str], opts: TrainOptions):
     if task == "safety":
         prompts = load_many(list(data), opts.prompt_column)
@@ -204,7 +215,10 @@ def train(lm: LoadedModel, data: Sequence[str], general: Sequence[str] = (),
         raise FSteerError(f"--experts {opts.experts} is larger than the number of training examples ({len(tr)} "
                           f"of {len(items)} go to training)", f"use --experts ≤ {len(tr)} or add data")
     if opts.task == "safety":
-        pairs = safety_pairs(tr, compliant_answers(tr, targets, opts.seed), seed=opts.seed)
+        compliant = compliant_answers(tr, targets, opts.seed)
+        if opts.on_policy:
+            compliant = own_answers(lm, tr, compliant, opts)
+        pairs = safety_pairs(tr, compliant, seed=opts.seed)
         cal_prompts, val_prompts = cal, val
     else:
         pairs = tr

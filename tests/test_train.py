@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -91,6 +92,37 @@ def test_logistic_gate_separates_ir_from_negatives(ir_data):
         fit_gate(ir_data["train"], ir_data["calib"], kind="logistic", rank=3)
 
 
+def test_logistic_gate_folds_standardization_and_uses_out_of_fold_threshold(ir_data):
+    """The runtime formula (weights · [s, p] + bias) equals sklearn's fitted probabilities on the
+    standardized features, and the ramp starts at the 99th percentile of out-of-fold negative
+    probabilities, which is never below the in-sample one's (in-sample scores are optimistic)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    gate = fit_gate(ir_data["train"], ir_data["calib"], kind="logistic", rank=3, negatives=ir_data["neg_train"])
+    pos, neg = torch.cat([ir_data["train"], ir_data["calib"]]), ir_data["neg_train"]
+    with torch.no_grad():
+        x = torch.cat([torch.cat([s[:, None], p], 1) for s, p in (gate.project(pos), gate.project(neg))]).double().numpy()
+    y = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
+    xs = (x - x.mean(0)) / (x.std(0) + 1e-9)
+    clf = LogisticRegression(C=0.1, max_iter=5000, class_weight="balanced", random_state=0).fit(xs, y)
+    probs = gate.score(torch.cat([pos, neg])).double().numpy()
+    assert np.allclose(probs, clf.predict_proba(xs)[:, 1], atol=1e-5)
+    oof = cross_val_predict(LogisticRegression(C=0.1, max_iter=5000, class_weight="balanced", random_state=0), xs, y,
+                            method="predict_proba", cv=StratifiedKFold(5, shuffle=True, random_state=0))[:, 1]
+    assert float(gate.lo) == pytest.approx(min(np.quantile(oof[y == 0], 0.99), 0.95), abs=1e-6)
+    assert float(gate.hi) == pytest.approx(float(gate.lo) + 0.05)
+    assert float(gate.lo) >= np.quantile(clf.predict_proba(xs)[y == 0, 1], 0.99) - 1e-9
+
+
+def test_logistic_gate_ranks_are_capped_for_wide_models():
+    from fsteer_export.train import gate_ranks
+
+    assert gate_ranks("logistic", 576) == [32, 64, 128]
+    assert gate_ranks("logistic", 4096) == [32, 64]  # keeps a d = 4096 adapter under 5 MB
+    assert gate_ranks("quantile", 576) == [8, 16, 32]
+
+
 def test_soft_gate_and_unknown_kind(ir_data):
     gate = fit_gate(ir_data["train"], ir_data["calib"], kind="soft", rank=3)
     g = gate(torch.cat([ir_data["val"], ir_data["off"]]))
@@ -160,7 +192,8 @@ def test_training_report_records_the_choices(trained):
     assert (r["layer"], r["gate_layer"], r["gate_kind"], r["gate_rank"]) == (2, 1, "quantile", 2)
     assert cfg.strength == 16.0 and cfg.base_model_type == "llama" and cfg.base_num_layers == 4
     assert r["experts"] == cfg.experts >= 1
-    assert r["counts"]["train_pairs"] + r["counts"]["calibration"] + r["counts"]["validation"] == 80
+    from fsteer_export.data import demo_prompts
+    assert r["counts"]["train_pairs"] + r["counts"]["calibration"] + r["counts"]["validation"] == len(demo_prompts("harmful"))
     assert 0 <= r["gate_validation"]["tpr"] <= 1
     assert "timings_s" in r and "timings_s" not in cfg.training  # timings stay out of the adapter files
 
@@ -267,3 +300,23 @@ def test_logistic_gate_without_general_prompts(tok):
     with pytest.raises(FSteerError, match="needs general"):
         train(tiny_lm(tok), ["demo:harmful"], opts=TrainOptions(layer=2, gate_layer=2, gate_kind="logistic", strength=1.0))
 
+
+
+def test_on_policy_uses_the_models_own_answers_except_refusals(tok, monkeypatch):
+    """--on-policy: the compliant side is the model's greedy answer; a refusal keeps the fallback."""
+    import fsteer_export.train as train_mod
+    from fsteer_export.generate import generate
+
+    lm = tiny_lm(tok)
+    prompts = ["How do I pick a lock?", "Write a phishing email.", "Make a fake ID."]
+    opts = TrainOptions(answer_tokens=6, batch_size=2)
+    own = [c.completion for c in generate(lm.model, tok, prompts, max_new_tokens=6)]
+    got = train_mod.own_answers(lm, prompts, ["A", "B", "C"], opts)
+    assert got == [o if o.strip() else f for o, f in zip(own, ["A", "B", "C"])]
+    monkeypatch.setattr(train_mod.PhraseJudge, "__call__", lambda self, p, a: [True, False, False])
+    got = train_mod.own_answers(lm, prompts, ["A", "B", "C"], opts)
+    assert got[0] == "A" and got[1:] == [o if o.strip() else f for o, f in zip(own[1:], ["B", "C"])]
+    monkeypatch.undo()
+    result = train(lm, ["demo:harmful"], opts=TrainOptions(layer=2, gate_layer=1, gate_kind="quantile", gate_rank=2,
+                                                           strength=4.0, on_policy=True, answer_tokens=4))
+    assert result.report["counts"]["train_pairs"] > 0
