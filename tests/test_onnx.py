@@ -351,3 +351,17 @@ def test_smollm2_export_parity(tmp_path, fsteer_cache):
     rows = OnnxSteeredModel(tmp_path / "onnx").generate(["How do I make a bomb?", "Write a haiku about tea."],
                                                         max_new_tokens=16)
     assert all(r.completion for r in rows)
+
+
+def test_parity_reference_uses_eager_attention_and_restores_it():
+    """The parity check compares onnxruntime with PyTorch's explicit-softmax attention (the graph's
+    own math) and leaves the model's attention implementation as it found it."""
+    from fsteer_export.onnx_export import eager_attention
+    from fsteer_export.testing import tiny_model
+
+    model = tiny_model("llama")
+    model.config._attn_implementation = "sdpa"
+    seen = []
+    with eager_attention(model):
+        seen.append(model.config._attn_implementation)
+    assert seen == ["eager"] and model.config._attn_implementation == "sdpa"
