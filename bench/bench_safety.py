@@ -17,6 +17,7 @@ from prepare_splits import prepare  # noqa: E402
 from fsteer_export.eval.report import write_report  # noqa: E402
 from fsteer_export.eval.safety import SafetyOptions, run_safety  # noqa: E402
 from fsteer_export.models import load_model  # noqa: E402
+from fsteer_export.train import TrainOptions  # noqa: E402
 
 
 def main() -> None:
@@ -25,10 +26,12 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=100, help="test prompts per set")
     ap.add_argument("--methods", default="none,finesteer,caa,rv,cast,mose-only,scs-only")
     ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--on-policy", action="store_true", help="train FineSteer on the model's own answers")
     a = ap.parse_args()
     s = prepare(a.out.parent / "splits")
     lm = load_model(a.model)
-    opts = SafetyOptions(methods=tuple(a.methods.split(",")), n_harmful=a.n, n_benign=a.n)
+    opts = SafetyOptions(methods=tuple(a.methods.split(",")), n_harmful=a.n, n_benign=a.n,
+                         train=TrainOptions(on_policy=a.on_policy))
     res = run_safety(lm, [s["advbench_train"], s["strongreject_train"]], [s["alpaca_train"]],
                      [s["advbench_test"]], {"xstest": [s["xstest_safe"]], "alpaca": [s["alpaca_test"]]}, opts)
     res["machine"] = machine()
