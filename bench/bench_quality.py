@@ -19,6 +19,7 @@ from fsteer_export.eval.truthfulqa import TruthfulOptions, run_truthfulqa  # noq
 from fsteer_export.eval.utility import run_utility  # noqa: E402
 from fsteer_export.models import load_model  # noqa: E402
 from fsteer_export.steering import remove_steering  # noqa: E402
+from fsteer_export.train import TrainOptions  # noqa: E402
 
 
 def main() -> None:
@@ -28,6 +29,9 @@ def main() -> None:
     ap.add_argument("--tqa-limit", type=int, default=200)
     ap.add_argument("--mmlu-per-subject", type=int, default=2)
     ap.add_argument("--skip-tqa", action="store_true")
+    ap.add_argument("--layer", type=int, help="steering layer for TruthfulQA (default: the training default)")
+    ap.add_argument("--strengths", default="1,2,4", help="λ grid searched on each fold's validation questions")
+    ap.add_argument("--methods", default="none,finesteer,caa,mose-only,scs-only")
     a = ap.parse_args()
     lm = load_model("smollm2-135m-instruct")
     if a.adapter:
@@ -38,7 +42,9 @@ def main() -> None:
         print((a.out / "utility" / "report.md").read_text())
         remove_steering(lm.model)
     if not a.skip_tqa:
-        opts = TruthfulOptions(limit=a.tqa_limit, strengths=(1.0, 2.0, 4.0), n_strength_val=16)
+        opts = TruthfulOptions(limit=a.tqa_limit, strengths=tuple(float(x) for x in a.strengths.split(",")),
+                               n_strength_val=16, methods=tuple(a.methods.split(",")),
+                               train=TrainOptions(task="truthfulqa", layer=a.layer))
         res = run_truthfulqa(lm, SHARED / "truthfulqa" / "mc_task.json", opts)
         res["machine"] = machine()
         write_report(res, a.out / "truthfulqa", overwrite=True)
