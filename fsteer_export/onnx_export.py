@@ -257,8 +257,7 @@ class _null:
 def eager_attention(model: nn.Module):
     """Run the PyTorch reference with transformers' "eager" attention (explicit softmax(QKᵀ)V, the
     math the exported graph contains). Measured on SmolLM2: sdpa and eager attention differ by
-    up to 6.9e-5 in PyTorch itself; onnxruntime is 9.3e-5 from the eager reference at decode but
-    1.1e-4 from the sdpa one (bench/RESULTS.md)."""
+    up to 6.9e-5 in PyTorch itself, the same order as onnxruntime vs PyTorch (bench/RESULTS.md)."""
     configs = [m.config for m in model.modules() if hasattr(getattr(m, "config", None), "_attn_implementation")]
     saved = [c._attn_implementation for c in configs]
     try:
@@ -349,6 +348,24 @@ def _check_opset(opset: int | None) -> None:
         raise FSteerError(f"--opset {opset!r} is not supported", f"use an opset from {MIN_OPSET} to {top}")
 
 
+def steered_examples(model: nn.Module, tokenizer, adapter_dir: Path, k: int = 2) -> list[str]:
+    """Up to ``k`` of the adapter's own validation prompts (training_report.json) on which its gate
+    fires, so the parity check always covers steered rows: the fixed prompts alone can all get
+    g = 0 (measured on SmolLM2 safety adapters), and then only the unsteered path would be checked."""
+    from .generate import generate
+
+    try:
+        report = json.loads((adapter_dir / "training_report.json").read_text(encoding="utf-8"))
+        prompts = [p for p in report.get("validation_prompts", []) if isinstance(p, str) and p.strip()][:24]
+    except (OSError, ValueError, AttributeError):
+        return []
+    if not prompts:
+        return []
+    outs = generate(model, tokenizer, prompts, max_new_tokens=1, batch_size=8, desc="parity: gated prompts")
+    fired = sorted((o for o in outs if (o.gate or 0.0) > 0.0), key=lambda o: -float(o.gate))
+    return [o.prompt for o in fired[:k]]
+
+
 def export_onnx(model: str | Path | LoadedModel, adapter_dir: str | Path, out: str | Path, opset: int | None = None,
                 kv_cache: bool = True, overwrite: bool = False, *, strength: float | None = None,
                 decode_steps: int = 16, tolerance: float = DEFAULT_TOLERANCE, rtol: float = DEFAULT_RTOL,
@@ -389,6 +406,8 @@ def export_onnx(model: str | Path | LoadedModel, adapter_dir: str | Path, out: s
         try:
             head = load_adapter(net, adapter_dir, name=ADAPTER_NAME, strength=strength)
             lam = float(head.strength)
+            if tuple(parity_prompts) == PARITY_PROMPTS:
+                parity_prompts = list(parity_prompts) + steered_examples(net, lm.tokenizer, Path(adapter_dir))
             n_layers = len(decoder_layers(net))
             kv = _kv_shapes(net) if kv_cache else []
             if kv_cache and len(kv) != n_layers:

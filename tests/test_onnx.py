@@ -365,3 +365,24 @@ def test_parity_reference_uses_eager_attention_and_restores_it():
     with eager_attention(model):
         seen.append(model.config._attn_implementation)
     assert seen == ["eager"] and model.config._attn_implementation == "sdpa"
+
+
+def test_parity_batch_gets_prompts_the_gate_fires_on(adapter_dir, llama, tok, tmp_path):
+    """The default parity batch is extended with the adapter's own validation prompts whose gate is
+    non-zero, so the export check covers steered rows, not only g = 0 ones."""
+    import json
+    import shutil
+
+    from fsteer_export.adapter import load_adapter
+    from fsteer_export.generate import generate
+    from fsteer_export.onnx_export import steered_examples
+
+    report = json.loads((adapter_dir / "training_report.json").read_text())
+    load_adapter(llama, adapter_dir)
+    picked = steered_examples(llama, tok, adapter_dir)
+    assert 1 <= len(picked) <= 2 and set(picked) <= set(report["validation_prompts"])
+    assert all(o.gate > 0 for o in generate(llama, tok, picked, max_new_tokens=1))
+    bare = tmp_path / "bare"
+    shutil.copytree(adapter_dir, bare)
+    (bare / "training_report.json").unlink()
+    assert steered_examples(llama, tok, bare) == []
