@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .config import FORMAT_VERSION, PEFT_TYPE_NAME, FineSteerConfig
-from .errors import FSteerError
+from .errors import FSteerError, read_json_object
 from .models import _LAYER_PATHS, model_type
 from .steering import ADAPTER_ATTR, FineSteerHead, add_adapter
 
@@ -229,18 +229,10 @@ def check_config_fields(values: dict, where: str) -> None:
 
 def read_config(folder: str | Path) -> FineSteerConfig:
     folder = Path(folder)
-    if not folder.is_dir():
-        raise FSteerError(f"adapter folder {folder} does not exist", "pass the folder written by fsteer train")
-    path = folder / CONFIG_NAME
-    if not path.is_file():
-        raise FSteerError(f"{folder} has no {CONFIG_NAME}: it is not an adapter folder",
-                          "pass the folder written by fsteer train")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FSteerError(f"{path} is not valid JSON ({exc})", "re-save the adapter with fsteer train") from exc
-    if not isinstance(raw, dict):
-        raise FSteerError(f"{path} does not hold a JSON object", "re-save the adapter")
+    path, raw = read_json_object(folder, CONFIG_NAME, what="adapter folder",
+                                 missing=f"{folder} has no {CONFIG_NAME}: it is not an adapter folder",
+                                 fix="pass the folder written by fsteer train",
+                                 redo="re-save the adapter with fsteer train")
     ptype = raw.get("peft_type")
     if ptype != PEFT_TYPE_NAME:
         raise FSteerError(f"{path} has peft_type {ptype!r}, not {PEFT_TYPE_NAME!r}",

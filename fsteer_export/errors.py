@@ -25,3 +25,24 @@ def warn(message: str) -> None:
     import sys
 
     print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def read_json_object(folder, name: str, *, what: str, missing: str, fix: str, redo: str) -> tuple:
+    """``(path, dict)`` of the JSON object file ``folder/name``; one FSteerError line for a missing
+    folder (``what`` names it), a missing file (``missing``), invalid JSON or a non-object (``redo``)."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FSteerError(f"{what} {folder} does not exist", fix)
+    path = folder / name
+    if not path.is_file():
+        raise FSteerError(missing, fix)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FSteerError(f"{path} is not valid JSON ({exc})", redo) from exc
+    if not isinstance(raw, dict):
+        raise FSteerError(f"{path} does not hold a JSON object", redo)
+    return path, raw

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import FSteerError
+from .errors import FSteerError, read_json_object
 from .generate import Completion
 
 META_NAME = "fsteer_onnx.json"
@@ -30,17 +30,10 @@ _PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvid
 def read_meta(folder: str | Path) -> dict:
     """``fsteer_onnx.json`` of an export folder, with a clear error for anything else."""
     folder = Path(folder)
-    if not folder.is_dir():
-        raise FSteerError(f"ONNX folder {folder} does not exist", "pass the folder written by fsteer export onnx")
-    path = folder / META_NAME
-    if not path.is_file():
-        raise FSteerError(f"{folder} is not an fsteer ONNX export (no {META_NAME})",
-                          "pass the folder written by fsteer export onnx")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FSteerError(f"{path} is not valid JSON ({exc})", "re-run fsteer export onnx") from exc
-    if not isinstance(meta, dict) or meta.get("format") != "fsteer-onnx":
+    path, meta = read_json_object(folder, META_NAME, what="ONNX folder",
+                                  missing=f"{folder} is not an fsteer ONNX export (no {META_NAME})",
+                                  fix="pass the folder written by fsteer export onnx", redo="re-run fsteer export onnx")
+    if meta.get("format") != "fsteer-onnx":
         raise FSteerError(f"{path} does not describe an fsteer ONNX export", "re-run fsteer export onnx")
     if meta.get("format_version") != FORMAT_VERSION:
         raise FSteerError(f"{path} has format_version {meta.get('format_version')!r}; this fsteer_export reads "

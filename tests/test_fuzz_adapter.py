@@ -112,6 +112,15 @@ def check(c: Clean, kind: str, corrupt) -> None:
 
 # -- safetensors ------------------------------------------------------------------------------------
 
+def flip(raw: bytes, start: int, masks: list[int]) -> bytes:
+    """XOR consecutive bytes from ``start`` with ``masks`` (bytes past the end are left alone)."""
+    out = bytearray(raw)
+    for i, m in enumerate(masks):
+        if start + i < len(out):
+            out[start + i] ^= m
+    return bytes(out)
+
+
 @FUZZ
 @given(data=st.data())
 def test_flipped_bytes_in_the_weights(clean, data):
@@ -123,11 +132,7 @@ def test_flipped_bytes_in_the_weights(clean, data):
 
     def corrupt(folder):
         path = folder / WEIGHTS_NAME
-        raw = bytearray(path.read_bytes())
-        for i, m in enumerate(masks):
-            if start + i < len(raw):
-                raw[start + i] ^= m
-        path.write_bytes(bytes(raw))
+        path.write_bytes(flip(path.read_bytes(), start, masks))
 
     check(clean, "flip bytes (weights)", corrupt)
 
@@ -241,11 +246,7 @@ def test_truncated_or_flipped_config_text(clean, data):
         if mode == "truncate":
             path.write_bytes(raw[:pos])
         else:
-            b = bytearray(raw)
-            for i, m in enumerate(masks):
-                if pos + i < len(b):
-                    b[pos + i] ^= m
-            path.write_bytes(bytes(b))
+            path.write_bytes(flip(raw, pos, masks))
 
     check(clean, "truncate/flip bytes (config)", corrupt)
 
