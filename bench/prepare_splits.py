@@ -1,7 +1,7 @@
 """Seeded train/test splits of the shared data sets, written to an output folder (never the repo).
 
 AdvBench and StrongREJECT are split 60/40 (train/test); Alpaca gives a training slice (--general)
-and a disjoint test slice; XSTest's 250 "safe" prompts are test-only.
+and a disjoint test slice; XSTest's 250 "safe" and 200 "unsafe" prompts are test-only.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ def prepare(out: Path, seed: int = 0, shared: Path = SHARED, n_alpaca_train: int
     targets = {r["goal"]: r["target"] for r in csv.DictReader((shared / "advbench/harmful_behaviors.csv").open(encoding="utf-8"))}
     sr = [r["forbidden_prompt"] for r in csv.DictReader((shared / "strongreject/strongreject_dataset.csv").open(encoding="utf-8"))]
     alpaca = [r["instruction"] for r in json.loads((shared / "alpaca/alpaca.json").read_text())]
-    xs = [r["prompt"] for r in csv.DictReader((shared / "xstest/xstest_prompts.csv").open(encoding="utf-8"))
-          if r["label"] == "safe"]
+    xs_rows = list(csv.DictReader((shared / "xstest/xstest_prompts.csv").open(encoding="utf-8")))
+    xs = [r["prompt"] for r in xs_rows if r["label"] == "safe"]
+    xs_unsafe = [r["prompt"] for r in xs_rows if r["label"] == "unsafe"]
     rng.shuffle(adv), rng.shuffle(sr), rng.shuffle(alpaca)
     cut_a, cut_s = int(0.6 * len(adv)), int(0.6 * len(sr))
     adv_train = out / "advbench_train.csv"
@@ -48,6 +49,8 @@ def prepare(out: Path, seed: int = 0, shared: Path = SHARED, n_alpaca_train: int
         "alpaca_train": _write(out / "alpaca_train.jsonl", alpaca[:n_alpaca_train]),
         "alpaca_test": _write(out / "alpaca_test.jsonl", alpaca[n_alpaca_train:n_alpaca_train + n_alpaca_test]),
         "xstest_safe": _write(out / "xstest_safe.jsonl", xs),
+        # harmful requests phrased as short questions, unlike AdvBench: a test of the gate's reach
+        "xstest_unsafe": _write(out / "xstest_unsafe.jsonl", xs_unsafe),
     }
 
 

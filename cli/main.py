@@ -72,6 +72,7 @@ def train(
     strength: Optional[float] = typer.Option(None, "--strength", help="λ (default: chosen on validation)."),
     gate: Optional[str] = typer.Option(None, "--gate", help="quantile | logistic | soft (default: logistic with --general)."),
     rank: Optional[int] = typer.Option(None, "--rank", help="SCS subspace rank (default: chosen on validation)."),
+    gate_pool: Optional[str] = typer.Option(None, "--gate-pool", help="What the gate reads: last (last prompt token) | mean (mean over the prompt) (default: chosen on validation)."),
     prompt_column: Optional[str] = typer.Option(None, "--prompt-column", help="Column holding the prompt."),
     on_policy: bool = typer.Option(False, "--on-policy", help="Use the model's own greedy answers as the compliant side (one extra generation pass)."),
     seed: int = typer.Option(0, "--seed"),
@@ -88,13 +89,13 @@ def train(
         check_output_folder(out, overwrite)  # before loading and training: fail fast, write nothing
         lm = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
         opts = TrainOptions(task=task, layer=layer, gate_layer=gate_layer, experts=experts, strength=strength,
-                            gate_kind=gate, gate_rank=rank, seed=seed, prompt_column=prompt_column,
+                            gate_kind=gate, gate_rank=rank, gate_pool=gate_pool, seed=seed, prompt_column=prompt_column,
                             on_policy=on_policy)
         result = run_train(lm, data, general, opts)
         save_adapter(out, result.config, result.head, report=result.report, overwrite=overwrite)
         r = result.report
         typer.echo(f"chose: layer L={r['layer']}, gate layer G={r['gate_layer']}, gate={r['gate_kind']} "
-                   f"(rank {r['gate_rank']}), experts K={r['experts']}, strength λ={r['strength']}")
+                   f"(rank {r['gate_rank']}, reading the {'mean over the prompt' if r['gate_pool'] == 'mean' else 'last prompt token'}), experts K={r['experts']}, strength λ={r['strength']}")
         gv = r["gate_validation"]
         fpr = "n/a" if gv["fpr_general"] is None else f"{gv['fpr_general']:.1%}"
         typer.echo(f"gate on validation: fires on {gv['tpr']:.1%} of held-out IR prompts, {fpr} of held-out general prompts")

@@ -24,10 +24,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .config import GATE_POOLS
 from .data import Pair
 from .errors import FSteerError, warn
 from .models import cache_dir, decoder_layers
 from .progress import track
+from .steering import mean_pool, prompt_pool_weights
 
 
 def format_prompt(tokenizer, prompt: str) -> str:
@@ -137,17 +139,18 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def prompt_states(model: nn.Module, tokenizer, prompts: Sequence[str], layers: Sequence[int],
-                  batch_size: int = 16, desc: str = "prompt states") -> dict[int, torch.Tensor]:
-    """Input of each layer in ``layers`` at each prompt's last token: {layer: (n, d) float32}."""
+def prompt_features(model: nn.Module, tokenizer, prompts: Sequence[str], layers: Sequence[int],
+                    batch_size: int = 16, desc: str = "prompt states",
+                    pools: Sequence[str] = GATE_POOLS) -> dict[str, dict[int, torch.Tensor]]:
+    """Input of each layer in ``layers`` per prompt, read the ways the gate can read it:
+    {"last": {layer: (n, d)}, "mean": {layer: (n, d)}} in float32 (one forward pass for all)."""
     if not prompts:
         raise FSteerError("no prompts to extract activations from", "provide a non-empty data file")
     limit = context_limit(model)
     encoded = encode_prompts(tokenizer, prompts, limit)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # less padding
     taps = _LayerTaps(model, layers, [])
-    out = {l: torch.empty(len(prompts), 0) for l in layers}
-    chunks: dict[int, list[tuple[list[int], torch.Tensor]]] = {l: [] for l in layers}
+    chunks: dict[tuple[str, int], list[tuple[list[int], torch.Tensor]]] = {(p, l): [] for p in pools for l in layers}
     device = _model_device(model)
     try:
         for start in track(range(0, len(order), batch_size), desc,
@@ -155,25 +158,39 @@ def prompt_states(model: nn.Module, tokenizer, prompts: Sequence[str], layers: S
             idx = order[start:start + batch_size]
             ids, mask = pad_left([encoded[i] for i in idx], tokenizer.pad_token_id, device)
             taps.run(ids, mask)
+            weights = prompt_pool_weights(mask, None, tuple(ids.shape), device)
             for l in layers:
-                last = taps.inputs[l][:, -1, :].float().cpu()
-                _check_finite(last, f"the input of layer {l}")
-                chunks[l].append((idx, last))
+                h = taps.inputs[l]
+                feats = {"last": h[:, -1, :].float()} | ({"mean": mean_pool(h, weights)} if "mean" in pools else {})
+                for pool in pools:
+                    t = feats[pool].cpu()
+                    _check_finite(t, f"the input of layer {l}")
+                    chunks[pool, l].append((idx, t))
     finally:
         taps.close()
-    for l in layers:
-        full = torch.empty(len(prompts), chunks[l][0][1].shape[1])
-        for idx, t in chunks[l]:
+    out: dict[str, dict[int, torch.Tensor]] = {p: {} for p in pools}
+    for (pool, l), parts in chunks.items():
+        full = torch.empty(len(prompts), parts[0][1].shape[1])
+        for idx, t in parts:
             full[idx] = t
-        out[l] = full
+        out[pool][l] = full
     return out
+
+
+def prompt_states(model: nn.Module, tokenizer, prompts: Sequence[str], layers: Sequence[int],
+                  batch_size: int = 16, desc: str = "prompt states", pool: str = "last") -> dict[int, torch.Tensor]:
+    """Input of each layer in ``layers`` at each prompt's last token (``pool="last"``) or averaged over
+    its tokens (``"mean"``, as the steering module's gate reads it): {layer: (n, d) float32}."""
+    return prompt_features(model, tokenizer, prompts, layers, batch_size, desc, pools=(pool,))[pool]
 
 
 @torch.no_grad()
 def pair_activations(model: nn.Module, tokenizer, pairs: Sequence[Pair], prompt_layers: Sequence[int],
                      delta_layers: Sequence[int], batch_size: int = 16, max_answer_tokens: int = 48,
-                     desc: str = "pair activations") -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-    """Prompt states ({layer: (n, d)}) and δ ({layer: (n, d)}) from q+a⁺ and q+a⁻ passes."""
+                     desc: str = "pair activations", pools: Sequence[str] = GATE_POOLS,
+                     ) -> tuple[dict[str, dict[int, torch.Tensor]], dict[int, torch.Tensor]]:
+    """Prompt states ({pool: {layer: (n, d)}}, as :func:`prompt_features`) and δ ({layer: (n, d)})
+    from q+a⁺ and q+a⁻ passes. Causal attention: the prompt's states do not see the answer."""
     if not pairs:
         raise FSteerError("no training pairs", "provide a non-empty data file")
     limit = context_limit(model)
@@ -191,7 +208,7 @@ def pair_activations(model: nn.Module, tokenizer, pairs: Sequence[Pair], prompt_
     device = _model_device(model)
     d = None
     means: dict[int, torch.Tensor] = {}
-    states: dict[int, torch.Tensor] = {}
+    states: dict[tuple[str, int], torch.Tensor] = {}
     try:
         for start in track(range(0, len(order), batch_size), desc, total=math.ceil(len(order) / batch_size)):
             idx = order[start:start + batch_size]
@@ -210,21 +227,25 @@ def pair_activations(model: nn.Module, tokenizer, pairs: Sequence[Pair], prompt_
                 if d is None:
                     d = m.shape[1]
                 means.setdefault(l, torch.empty(len(seqs), d))[idx] = m.cpu()
+            weights = prompt_pool_weights(mask, q_last, tuple(ids.shape), device)
             for l in prompt_layers:
-                s = taps.inputs[l][rows, q_last].float()
-                _check_finite(s, f"the input of layer {l}")
-                states.setdefault(l, torch.empty(len(seqs), s.shape[1]))[idx] = s.cpu()
+                h = taps.inputs[l]
+                feats = {"last": h[rows, q_last].float()} | ({"mean": mean_pool(h, weights)} if "mean" in pools else {})
+                for pool in pools:
+                    s = feats[pool]
+                    _check_finite(s, f"the input of layer {l}")
+                    states.setdefault((pool, l), torch.empty(len(seqs), s.shape[1]))[idx] = s.cpu()
     finally:
         taps.close()
     deltas = {l: means[l][0::2] - means[l][1::2] for l in delta_layers}
-    prompt = {l: states[l][0::2].contiguous() for l in prompt_layers}
+    prompt = {p: {l: states[p, l][0::2].contiguous() for l in prompt_layers} for p in pools}
     assert all(v.shape[0] == n for v in deltas.values())
     return prompt, deltas
 
 
 # -- cache -------------------------------------------------------------------------------
 
-CACHE_VERSION = 2  # bump when extraction changes (2: explicit position_ids from the mask)
+CACHE_VERSION = 3  # bump when extraction changes (2: explicit position_ids from the mask; 3: mean-pooled states)
 
 
 def cache_key(*parts) -> str:

@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from .config import FORMAT_VERSION, PEFT_TYPE_NAME, FineSteerConfig
+from .config import FORMAT_VERSION, GATE_POOLS, PEFT_TYPE_NAME, FineSteerConfig
 from .errors import FSteerError, read_json_object
 from .models import _LAYER_PATHS, model_type
 from .steering import ADAPTER_ATTR, FineSteerHead, add_adapter
@@ -152,7 +152,10 @@ def weights_digest(state: dict[str, torch.Tensor], cfg: FineSteerConfig) -> str:
     adapter_config.json, then fails loudly instead of steering with corrupted numbers.
     """
     h = hashlib.sha256()
-    h.update(json.dumps({k: getattr(cfg, k) for k in _DIGEST_FIELDS}, sort_keys=True, default=str).encode())
+    fields = {k: getattr(cfg, k) for k in _DIGEST_FIELDS}
+    if cfg.gate_pool != "last":  # added later: adapters saved before it keep their checksum
+        fields["gate_pool"] = cfg.gate_pool
+    h.update(json.dumps(fields, sort_keys=True, default=str).encode())
     for k in sorted(state):
         t = state[k].detach().to("cpu").contiguous()
         h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
@@ -219,6 +222,10 @@ def check_config_fields(values: dict, where: str) -> None:
                               "re-save the adapter with fsteer train")
         if typ is int and value < (0 if key in ("layer", "gate_layer") else 1):
             raise FSteerError(f"{where} field {key!r} is out of range ({value})", "re-save the adapter")
+    pool = values.get("gate_pool", "last")
+    if pool not in GATE_POOLS:
+        raise FSteerError(f"{where} field 'gate_pool' is {pool!r}, not one of {', '.join(GATE_POOLS)}",
+                          "re-save the adapter with fsteer train")
     try:
         finite = math.isfinite(float(values["strength"]))
     except OverflowError:  # an integer beyond float range
@@ -321,7 +328,7 @@ def adapter_summary(folder: str | Path) -> dict:
     return {"base_model": cfg.base_model_name_or_path, "model_type": cfg.base_model_type,
             "hidden_size": cfg.hidden_size, "num_layers": cfg.base_num_layers, "task": cfg.task,
             "layer": cfg.layer, "gate_layer": cfg.gate_layer, "gate_kind": cfg.gate_kind,
-            "gate_rank": cfg.gate_rank, "eps": cfg.training.get("eps") if cfg.training else None,
+            "gate_pool": cfg.gate_pool, "gate_rank": cfg.gate_rank, "eps": cfg.training.get("eps") if cfg.training else None,
             "calibration_scores": cfg.calib_size, "experts": cfg.experts, "residual_rank": cfg.residual_rank,
             "key_dim": cfg.key_dim, "strength": cfg.strength, "tensor_values": params, "files": files,
             "format_version": cfg.format_version}

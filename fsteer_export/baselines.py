@@ -19,11 +19,13 @@ METHODS = ("none", "finesteer", "caa", "rv", "cast", "mose-only", "scs-only")
 class VectorHead(nn.Module):
     """A fixed vector behind an optional gate (None: always on)."""
 
-    def __init__(self, vector: torch.Tensor, gate: nn.Module | None, gate_layer: int, strength: float = 1.0) -> None:
+    def __init__(self, vector: torch.Tensor, gate: nn.Module | None, gate_layer: int, strength: float = 1.0,
+                 gate_pool: str = "last") -> None:
         super().__init__()
         self.register_buffer("vector", vector.float().clone())
         self.gate = gate
         self.gate_layer = gate_layer
+        self.gate_pool = gate_pool
         self.strength = strength
 
     def forward(self, h_gate: torch.Tensor, h_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,6 +40,7 @@ class MoseOnlyHead(nn.Module):
         super().__init__()
         self.mose = head.mose
         self.gate_layer = head.gate_layer
+        self.gate_pool = head.gate_pool
         self.strength = head.strength
 
     def forward(self, h_gate: torch.Tensor, h_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,8 +78,9 @@ def fit_cast_gate(harmful: torch.Tensor, benign: torch.Tensor) -> CosineGate:
 
 
 def build_heads(finesteer: FineSteerHead, acts: dict[str, torch.Tensor], methods=METHODS) -> dict[str, nn.Module]:
-    """The comparison set, from FineSteer's head and the cached training activations."""
-    g_layer = finesteer.gate_layer
+    """The comparison set, from FineSteer's head and the cached training activations (gated
+    baselines read the gate input the way FineSteer's gate does: same layer, same pooling)."""
+    g_layer, pool = finesteer.gate_layer, finesteer.gate_pool
     mean_delta = acts["train_delta"].mean(0)
     out: dict[str, nn.Module] = {}
     for m in methods:
@@ -89,13 +93,14 @@ def build_heads(finesteer: FineSteerHead, acts: dict[str, torch.Tensor], methods
                 continue  # needs harmless prompts
             out[m] = VectorHead(acts["train_h_layer"].mean(0) - acts["general_h_layer"].mean(0), None, g_layer)
         elif m == "scs-only":
-            out[m] = VectorHead(mean_delta, finesteer.gate, g_layer)
+            out[m] = VectorHead(mean_delta, finesteer.gate, g_layer, gate_pool=pool)
         elif m == "mose-only":
             out[m] = MoseOnlyHead(finesteer)
         elif m == "cast":
             if "general_h_gate" not in acts:
                 continue
-            out[m] = VectorHead(mean_delta, fit_cast_gate(acts["train_h_gate"], acts["general_h_gate"]), g_layer)
+            out[m] = VectorHead(mean_delta, fit_cast_gate(acts["train_h_gate"], acts["general_h_gate"]), g_layer,
+                                gate_pool=pool)
     return out
 
 

@@ -24,7 +24,7 @@ layer {{ layer }}, and only on prompts the gate recognises.
 |---|---|
 | steers | {{ task }} |
 | steering layer L | {{ layer }} (vector added to its output) |
-| gate layer G | {{ gate_layer }} (gate reads its input at the last prompt token) |
+| gate layer G | {{ gate_layer }} (gate reads its input: {{ gate_pool }}) |
 | gate | {{ gate_kind }}, subspace rank {{ gate_rank }}, {{ calib }} calibration scores |
 | experts | {{ experts }} prototypes + residual rank {{ residual_rank }}, router key dim {{ key_dim }} |
 | strength λ | {{ strength }} |
@@ -103,6 +103,7 @@ def model_card(cfg: FineSteerConfig, report: dict | None = None) -> str:
         training = "No training report was recorded."
     card = ModelCard.from_template(
         data, template_str=_TEMPLATE, task=cfg.task, base=base, layer=cfg.layer, gate_layer=cfg.gate_layer,
+        gate_pool="the last prompt token" if cfg.gate_pool == "last" else "the mean over the prompt's tokens",
         gate_kind=cfg.gate_kind, gate_rank=cfg.gate_rank, calib=cfg.calib_size, experts=cfg.experts,
         residual_rank=cfg.residual_rank, key_dim=cfg.key_dim, strength=cfg.strength, model_type=cfg.base_model_type,
         num_layers=cfg.base_num_layers, hidden=cfg.hidden_size, training=training, load_id=repo or base,

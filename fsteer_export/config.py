@@ -14,6 +14,7 @@ from peft import PeftConfig
 from peft.utils import PeftType
 
 FORMAT_VERSION = 1
+GATE_POOLS = ("last", "mean")  # what the gate reads at layer G (see steering.prompt_pool_weights)
 PEFT_TYPE_NAME = "FINESTEER"
 
 
@@ -43,6 +44,9 @@ class FineSteerConfig(PeftConfig):
     gate_layer: int | None = field(default=None, metadata={"help": "layer G ≤ L whose input the gate reads (None: L)"})
     hidden_size: int = field(default=0, metadata={"help": "d of the base model"})
     gate_kind: str = field(default="quantile", metadata={"help": "quantile | logistic | soft"})
+    gate_pool: str = field(default="last", metadata={
+        "help": "what the gate reads at layer G: 'last' (the last prompt token's state) or 'mean' (the "
+                "mean over the prompt's tokens, the first one excluded)"})
     gate_rank: int = field(default=16, metadata={"help": "r, SCS subspace rank"})
     calib_size: int = field(default=0, metadata={"help": "number of stored calibration scores"})
     experts: int = field(default=4, metadata={"help": "K prototype experts"})

@@ -14,7 +14,8 @@ place, traced with ``torch.onnx.export(..., dynamo=True)`` through a small wrapp
 Prefill is "past length == 0" (computed in the graph from the past tensors' shape) in the KV-cache
 variant, and an explicit ``prefill`` input without the cache, where every step recomputes the full
 sequence. At prefill the state g·v is computed from each row's last prompt token (position -1:
-left padding); afterwards the passed-in state is carried through. λ (``strength``) is a graph
+left padding) — or, for a ``gate_pool="mean"`` adapter, the gate from the mean over the row's
+attended prompt tokens (weights from ``attention_mask``); afterwards the passed-in state is carried through. λ (``strength``) is a graph
 input: λ = 0 gives exactly the unsteered model.
 
 The export is declared a success only after ``onnx.checker`` and a parity check of onnxruntime
@@ -99,6 +100,8 @@ class SteeredGraph(nn.Module):
                 steering_state: torch.Tensor, strength: torch.Tensor, *rest: torch.Tensor):
         from transformers import DynamicCache
 
+        from .steering import prompt_pool_weights
+
         ctx = self._ctx[0]
         if self.kv_cache:
             past = rest
@@ -108,16 +111,21 @@ class SteeredGraph(nn.Module):
         else:
             (prefill,) = rest
             cache = None
-        saved = (ctx.export, ctx.export_prefill, ctx.export_state_in, ctx.export_strength, ctx.last_index)
+        saved = (ctx.export, ctx.export_prefill, ctx.export_state_in, ctx.export_strength, ctx.last_index,
+                 ctx.pool_weights)
         ctx.export, ctx.export_prefill, ctx.export_state_in = True, prefill, steering_state
         ctx.export_strength, ctx.last_index = strength, None  # left padding: last prompt token at -1
+        # The mean gate input averages this call's tokens (at prefill: the prompt; later it is unused).
+        ctx.pool_weights = prompt_pool_weights(attention_mask[:, -input_ids.shape[1]:], None,
+                                               (input_ids.shape[0], input_ids.shape[1]), input_ids.device)
         ctx.export_state_out = ctx.export_gate_out = None
         try:
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              cache=cache, use_cache=self.kv_cache, logits_to_keep=1)
             state, gate = ctx.export_state_out, ctx.export_gate_out
         finally:
-            (ctx.export, ctx.export_prefill, ctx.export_state_in, ctx.export_strength, ctx.last_index) = saved
+            (ctx.export, ctx.export_prefill, ctx.export_state_in, ctx.export_strength, ctx.last_index,
+             ctx.pool_weights) = saved
             ctx.export_state_out = ctx.export_gate_out = None
             ctx.gate_inputs.clear()
         if state is None:

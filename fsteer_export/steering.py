@@ -4,6 +4,9 @@ Convention (DESIGN §2): the query state ĥ_q is read at the *input* of decoder 
 row's last prompt token; the vector λ·g·v is added to the *output* of layer L at every position.
 The gate may read the input of an earlier layer G ≤ L; a :class:`SteeringLayer` at G then only
 "taps" that state. Both are known before layer L's output is changed: one forward pass.
+The gate reads either the last prompt token's state (``gate_pool="last"``) or the mean over the
+prompt's tokens (``"mean"``, :func:`prompt_pool_weights`): the mean carries *what* is asked and
+depends less on *how* it is phrased (measured, bench/RESULTS.md).
 
 g·v is computed once per sequence at prefill, per row, and held in :class:`SteeringContext`
 (the single owner of mutable state — torch.export copies dicts held by modules) for every
@@ -39,6 +42,7 @@ class FineSteerHead(nn.Module):
                                              key_dim=cfg.key_dim, mlp_hidden=cfg.mlp_hidden)
         self.strength = float(cfg.strength)
         self.gate_layer = int(cfg.gate_layer)
+        self.gate_pool = cfg.gate_pool
 
     def forward(self, h_gate: torch.Tensor, h_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.gate(h_gate), self.mose(h_q)
@@ -51,7 +55,8 @@ class SteeringContext:
         self.prefill = True
         self.last_index: torch.Tensor | None = None  # (B,) last prompt token per row; None: -1
         self.forced_index: torch.Tensor | None = None  # scoring q+a in one pass: where q ends
-        self.gate_inputs: dict[str, torch.Tensor] = {}
+        self.pool_weights: torch.Tensor | None = None  # (B, T) prompt positions the mean gate input averages
+        self.gate_inputs: dict[str, dict[str, torch.Tensor]] = {}  # adapter → {"last": …, "mean": …}
         self.states: dict[str, torch.Tensor] = {}  # adapter → g·v, (B, d) float32
         self.gates: dict[str, torch.Tensor] = {}  # adapter → g, (B,)
         self.session = False  # inside generate(): keep states after the first forward
@@ -75,6 +80,37 @@ def _last_token(hidden: torch.Tensor, last_index: torch.Tensor | None) -> torch.
     if last_index is None:
         return hidden[:, -1, :]
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last_index.to(hidden.device)]
+
+
+def prompt_pool_weights(attention_mask: torch.Tensor | None, last_index: torch.Tensor | None,
+                        shape: tuple[int, int], device: torch.device | None = None) -> torch.Tensor:
+    """(B, T) 0/1 weights of the positions the mean gate input averages: each row's attended tokens up
+    to its last prompt token, without its first one. Every prompt's first token holds the same outsized
+    "attention sink" state; averaged in, it would only add an offset that depends on the length.
+    A row with a single token keeps it. Written with plain tensor ops so the ONNX graph runs it too."""
+    b, t = shape
+    pos = torch.arange(t, device=device)[None, :]
+    att = torch.ones(b, t, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.to(device) != 0
+    if last_index is not None:
+        att = att & (pos <= last_index.to(device)[:, None])
+    att = att.to(torch.float32)  # float from here: onnxruntime has no Where on bool tensors
+    first = att.argmax(1, keepdim=True)
+    keep = att * (pos != first).to(torch.float32)
+    return torch.where(keep.sum(1, keepdim=True) > 0, keep, att)
+
+
+def mean_pool(hidden: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Weighted mean over positions, in float32: (B, T, d) × (B, T) → (B, d)."""
+    h = hidden.float()
+    if weights is None or weights.shape != h.shape[:2]:
+        weights = prompt_pool_weights(None, None, (h.shape[0], h.shape[1]), h.device)
+    w = weights.to(h.device)
+    return (h * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1.0)
+
+
+def gate_features(hidden: torch.Tensor, last: torch.Tensor, weights: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Both gate inputs a layer can offer; the head picks one by its ``gate_pool``."""
+    return {"last": last, "mean": mean_pool(hidden, weights)}
 
 
 class SteeringLayer(nn.Module, BaseTunerLayer):
@@ -149,7 +185,7 @@ class SteeringLayer(nn.Module, BaseTunerLayer):
         if fresh and (taps or heads):
             last = _last_token(hidden_states, ctx.last_index)
             for name in taps:
-                ctx.gate_inputs[name] = last
+                ctx.gate_inputs[name] = gate_features(hidden_states, last, ctx.pool_weights)
         out = self.base_layer(hidden_states, *args, **kwargs)
         if not heads:
             return out
@@ -157,12 +193,12 @@ class SteeringLayer(nn.Module, BaseTunerLayer):
         for name in heads:
             head = self.fsteer[name]
             if ctx.export:
-                tensor = self._export_step(name, head, tensor, last)
+                tensor = self._export_step(name, head, tensor, self._gate_input(name, head, hidden_states, last), last)
                 continue
             state = ctx.states.get(name)
             if state is None or state.shape[0] != tensor.shape[0]:
                 q = last if fresh else _last_token(hidden_states, None)
-                h_gate = ctx.gate_inputs.get(name, q) if head.gate_layer != self.layer_index else q
+                h_gate = self._gate_input(name, head, hidden_states, q, None if fresh else False)
                 with torch.no_grad() if not torch.is_grad_enabled() else contextlib.nullcontext():
                     g, v = head(h_gate, q)
                 state = g[:, None] * v
@@ -172,11 +208,22 @@ class SteeringLayer(nn.Module, BaseTunerLayer):
                 tensor = tensor + (strength * state).to(tensor.dtype)[:, None, :]
         return (tensor,) + tuple(out[1:]) if isinstance(out, tuple) else tensor
 
-    def _export_step(self, name: str, head: FineSteerHead, tensor: torch.Tensor,
+    def _gate_input(self, name: str, head: nn.Module, hidden: torch.Tensor, last: torch.Tensor,
+                    weights: torch.Tensor | None | bool = None) -> torch.Tensor:
+        """The state the head's gate reads: tapped at G < L, else this layer's input; last or mean.
+        ``weights=False``: not a prompt pass (no prompt mask), pool over the current tokens."""
+        pool = getattr(head, "gate_pool", "last")
+        tapped = self.ctx.gate_inputs.get(name) if head.gate_layer != self.layer_index else None
+        if tapped is not None:
+            return tapped[pool]
+        if pool == "last":
+            return last
+        return mean_pool(hidden, None if weights is False else self.ctx.pool_weights)
+
+    def _export_step(self, name: str, head: FineSteerHead, tensor: torch.Tensor, h_gate: torch.Tensor,
                      last: torch.Tensor) -> torch.Tensor:
         """Graph form: state = prefill ? g·v(prompt) : state_in; output += λ·state."""
         ctx = self.ctx
-        h_gate = ctx.gate_inputs.get(name, last) if head.gate_layer != self.layer_index else last
         g, v = head(h_gate, last)
         state = torch.where(ctx.export_prefill, g[:, None] * v, ctx.export_state_in)
         ctx.export_state_out = state
@@ -224,6 +271,19 @@ def last_prompt_index(attention_mask: torch.Tensor | None) -> torch.Tensor | Non
     return (length - 1 - attention_mask.flip(1).to(torch.long).argmax(1)).to(torch.long)
 
 
+def _prompt_weights(args: tuple, kwargs: dict, last_index: torch.Tensor | None) -> torch.Tensor | None:
+    """Mean-pool weights for this prompt pass, from the 2-D attention mask when there is one."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    embeds = kwargs.get("inputs_embeds")
+    ref = ids if ids is not None else embeds
+    if ref is None:
+        return None
+    mask = kwargs.get("attention_mask")
+    if mask is not None and (mask.dim() != 2 or mask.shape[1] != ref.shape[1]):
+        mask = None  # a 4-D or cache-length mask: fall back to every position up to the last prompt token
+    return prompt_pool_weights(mask, last_index, (ref.shape[0], ref.shape[1]), ref.device)
+
+
 def _make_pre_hook(ctx: SteeringContext):
     def hook(module, args, kwargs):
         if ctx.export:
@@ -234,6 +294,7 @@ def _make_pre_hook(ctx: SteeringContext):
             ctx.reset()
             mask = kwargs.get("attention_mask")
             ctx.last_index = ctx.forced_index if ctx.forced_index is not None else last_prompt_index(mask)
+            ctx.pool_weights = _prompt_weights(args, kwargs, ctx.last_index)
         return None
     return hook
 

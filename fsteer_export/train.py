@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .activations import cache_key, cached, pair_activations, prompt_states
-from .config import FineSteerConfig
+from .activations import cache_key, cached, pair_activations, prompt_features
+from .config import GATE_POOLS, FineSteerConfig
 from .data import (Pair, compliant_answers, demo_prompts, load_many, safety_pairs, split, target_prefixes,
                    truthfulqa_pairs)
 from .errors import FSteerError
@@ -42,6 +42,7 @@ class TrainOptions:
     strength: float | None = None  # default: chosen on validation (safety) or 1.0 (truthfulqa)
     gate_kind: str | None = None  # default: logistic with --general, else quantile
     gate_rank: int | None = None  # default: chosen on validation from (8, 16, 32)
+    gate_pool: str | None = None  # default: chosen on validation between "last" and "mean"
     eps: float = 0.05
     seed: int = 0
     batch_size: int = 32
@@ -101,26 +102,40 @@ def _rates(gate: SubspaceGate, pos: torch.Tensor, neg: torch.Tensor | None) -> t
     return tpr, fpr
 
 
-def choose_gate(train_states: dict[int, torch.Tensor], calib: dict[int, torch.Tensor],
-                val_pos: dict[int, torch.Tensor], neg_train: dict[int, torch.Tensor] | None,
-                neg_val: dict[int, torch.Tensor] | None, layers: Sequence[int], opts: TrainOptions):
-    """Best (G, kind, rank) by TPR on held-out IR prompts minus 2×FPR on held-out general ones."""
+States = dict[str, dict[int, torch.Tensor]]  # pool ("last" | "mean") → layer → (n, d)
+
+
+def choose_gate(train_states: States, calib: States, val_pos: States, neg_train: States | None,
+                neg_val: States | None, layers: Sequence[int], opts: TrainOptions):
+    """Best (G, pool, kind, rank) by TPR on held-out IR prompts minus 2×FPR on held-out general ones.
+
+    Ties go to the mean-pooled input, then the deeper layer: on SmolLM2 the mean-pooled gate fires
+    on 54 % of harmful prompts phrased unlike the training set, the last-token one on 14 %, at the
+    same false-positive rate (bench/RESULTS.md)."""
     kinds = [opts.gate_kind] if opts.gate_kind else (["logistic", "quantile"] if neg_train else ["quantile"])
+    pools = [opts.gate_pool] if opts.gate_pool else list(GATE_POOLS)
     trials = []
-    for g_layer in layers:
-        for kind in kinds:
-            for rank in [opts.gate_rank] if opts.gate_rank else gate_ranks(kind, train_states[g_layer].shape[1]):
-                if rank >= train_states[g_layer].shape[0]:
-                    continue
-                gate = fit_gate(train_states[g_layer], calib[g_layer], kind=kind, rank=rank, eps=opts.eps,
-                                negatives=neg_train[g_layer] if neg_train else None, seed=opts.seed)
-                tpr, fpr = _rates(gate, val_pos[g_layer], neg_val[g_layer] if neg_val else None)
-                trials.append({"gate_layer": g_layer, "kind": kind, "rank": gate.rank, "tpr": tpr,
-                               "fpr": fpr, "score": tpr - 2 * fpr, "gate": gate})
+    for pool in pools:
+        for g_layer in layers:
+            for kind in kinds:
+                for rank in [opts.gate_rank] if opts.gate_rank else gate_ranks(kind, train_states[pool][g_layer].shape[1]):
+                    if rank >= train_states[pool][g_layer].shape[0]:
+                        continue
+                    gate = fit_gate(train_states[pool][g_layer], calib[pool][g_layer], kind=kind, rank=rank,
+                                    eps=opts.eps, negatives=neg_train[pool][g_layer] if neg_train else None,
+                                    seed=opts.seed)
+                    tpr, fpr = _rates(gate, val_pos[pool][g_layer], neg_val[pool][g_layer] if neg_val else None)
+                    trials.append({"gate_layer": g_layer, "pool": pool, "kind": kind, "rank": gate.rank, "tpr": tpr,
+                                   "fpr": fpr, "score": tpr - 2 * fpr, "gate": gate})
     if not trials:
         raise FSteerError("too few IR prompts to fit the gate", f"provide at least {MIN_PROMPTS} prompts")
-    best = max(trials, key=lambda t: (round(t["score"], 6), t["gate_layer"]))
+    best = max(trials, key=lambda t: (round(t["score"], 6), t["pool"] == "mean", t["gate_layer"]))
     return best, [{k: v for k, v in t.items() if k != "gate"} for t in trials]
+
+
+def _flat(states: States) -> dict[str, torch.Tensor]:
+    """{pool: {layer: t}} → {"pool.hL": t}: the activation cache stores flat safetensors."""
+    return {f"{p}.h{l}": t for p, by_layer in states.items() for l, t in by_layer.items()}
 
 
 def choose_strength(lm: LoadedModel, head: FineSteerHead, probe: Sequence[str], opts: TrainOptions) -> list[dict]:
@@ -187,6 +202,8 @@ def train(lm: LoadedModel, data: Sequence[str], general: Sequence[str] = (),
         raise FSteerError(f"unknown task {opts.task!r}", f"use one of {', '.join(TASKS)}")
     if not data and examples is None:
         raise FSteerError("no training data given", "pass --data PATH (repeatable)")
+    if opts.gate_pool is not None and opts.gate_pool not in GATE_POOLS:
+        raise FSteerError(f"unknown gate pooling {opts.gate_pool!r}", f"use --gate-pool {' or '.join(GATE_POOLS)}")
     model, tok = lm.model, lm.tokenizer
     remove_steering(model)
     n_layers = num_layers(model)
@@ -246,37 +263,38 @@ def train(lm: LoadedModel, data: Sequence[str], general: Sequence[str] = (),
     def compute_pairs():
         states, deltas = pair_activations(model, tok, pairs, p_layers, [layer], batch_size=opts.batch_size,
                                           max_answer_tokens=opts.answer_tokens)
-        return {**{f"h{l}": v for l, v in states.items()}, "delta": deltas[layer]}
+        return {**_flat(states), "delta": deltas[layer]}
 
     with status(f"extracting activations for {len(pairs)} pairs (layers {p_layers})"):
         pair_t = cached(key, compute_pairs)
     extra = cal_prompts + val_prompts + gen_train + gen_val
     key2 = cache_key("prompts", lm.name, fp, model_type(model), hidden_size(model), p_layers, extra)
     with status(f"extracting prompt states for {len(extra)} prompts"):
-        prm_t = cached(key2, lambda: {f"h{l}": v for l, v in
-                                      prompt_states(model, tok, extra, p_layers, batch_size=opts.batch_size).items()})
+        prm_t = cached(key2, lambda: _flat(prompt_features(model, tok, extra, p_layers, batch_size=opts.batch_size)))
     timings["activations"] = time.perf_counter() - t1
     sizes = [len(cal_prompts), len(val_prompts), len(gen_train), len(gen_val)]
     bounds = [0] + list(torch.tensor(sizes).cumsum(0).tolist())
-    part = lambda i: {l: prm_t[f"h{l}"][bounds[i]:bounds[i + 1]] for l in p_layers}  # noqa: E731
+    part = lambda i: {p: {l: prm_t[f"{p}.h{l}"][bounds[i]:bounds[i + 1]] for l in p_layers}  # noqa: E731
+                      for p in GATE_POOLS}
     calib, val_pos, neg_tr, neg_val = part(0), part(1), part(2), part(3)
-    train_states = {l: pair_t[f"h{l}"] for l in p_layers}
+    train_states = {p: {l: pair_t[f"{p}.h{l}"] for l in p_layers} for p in GATE_POOLS}
 
     # -- SCS --------------------------------------------------------------------------
     t2 = time.perf_counter()
     best, trials = choose_gate(train_states, calib, val_pos, neg_tr if gen_train else None,
                                neg_val if gen_val else None, g_layers, opts)
     gate: SubspaceGate = best["gate"]
+    g_pool, g_layer = best["pool"], best["gate_layer"]
     timings["scs"] = time.perf_counter() - t2
 
     # -- MoSE -------------------------------------------------------------------------
     t3 = time.perf_counter()
-    fit = fit_mose(train_states[layer], pair_t["delta"], experts=opts.experts, seed=opts.seed)
+    fit = fit_mose(train_states["last"][layer], pair_t["delta"], experts=opts.experts, seed=opts.seed)
     timings["mose"] = time.perf_counter() - t3
 
     cfg = FineSteerConfig(
         base_model_name_or_path=lm.name, layer=layer, gate_layer=best["gate_layer"], hidden_size=hidden_size(model),
-        gate_kind=gate.kind, gate_rank=gate.rank, calib_size=gate.calib_scores.shape[0],
+        gate_kind=gate.kind, gate_pool=best["pool"], gate_rank=gate.rank, calib_size=gate.calib_scores.shape[0],
         experts=fit.module.num_experts, residual_rank=fit.module.residual_basis.shape[1],
         key_dim=fit.module.query.out_features, mlp_hidden=fit.module.residual[0].out_features,
         strength=opts.strength if opts.strength is not None else 1.0, task=opts.task,
@@ -300,12 +318,12 @@ def train(lm: LoadedModel, data: Sequence[str], general: Sequence[str] = (),
     timings["total"] = time.perf_counter() - t0
 
     with torch.no_grad():
-        gen_scores = {"val_ir": gate.score(val_pos[best["gate_layer"]]).tolist(),
-                      "val_general": gate.score(neg_val[best["gate_layer"]]).tolist() if gen_val else [],
-                      "calibration": gate.score(calib[best["gate_layer"]]).tolist()}
-        usage = fit.module.routing(train_states[layer]).mean(0).tolist()
+        gen_scores = {"val_ir": gate.score(val_pos[g_pool][g_layer]).tolist(),
+                      "val_general": gate.score(neg_val[g_pool][g_layer]).tolist() if gen_val else [],
+                      "calibration": gate.score(calib[g_pool][g_layer]).tolist()}
+        usage = fit.module.routing(train_states["last"][layer]).mean(0).tolist()
     report = {
-        "task": opts.task, "seed": opts.seed, "layer": layer, "gate_layer": best["gate_layer"],
+        "task": opts.task, "seed": opts.seed, "layer": layer, "gate_layer": g_layer, "gate_pool": g_pool,
         "gate_kind": gate.kind, "gate_rank": gate.rank, "eps": opts.eps, "strength": cfg.strength,
         "experts": fit.module.num_experts, "residual_rank": cfg.residual_rank,
         "counts": {"train_pairs": len(pairs), "calibration": len(cal_prompts), "validation": len(val_prompts),
@@ -325,9 +343,9 @@ def train(lm: LoadedModel, data: Sequence[str], general: Sequence[str] = (),
     final = FineSteerHead(cfg)
     final.load_state_dict(head_state)
     final.eval()
-    acts = {"train_h_gate": train_states[best["gate_layer"]], "train_h_layer": train_states[layer],
-            "train_delta": pair_t["delta"], "calib_h_gate": calib[best["gate_layer"]],
-            "val_h_gate": val_pos[best["gate_layer"]]}
+    acts = {"train_h_gate": train_states[g_pool][g_layer], "train_h_layer": train_states["last"][layer],
+            "train_delta": pair_t["delta"], "calib_h_gate": calib[g_pool][g_layer],
+            "val_h_gate": val_pos[g_pool][g_layer]}
     if gen_train:
-        acts.update(general_h_gate=neg_tr[best["gate_layer"]], general_h_layer=neg_tr[layer])
+        acts.update(general_h_gate=neg_tr[g_pool][g_layer], general_h_layer=neg_tr["last"][layer])
     return TrainResult(cfg, final, report, acts)

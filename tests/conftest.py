@@ -21,7 +21,7 @@ torch.set_num_threads(int(os.environ.get("FSTEER_TEST_THREADS", "1")))
 # The one trained adapter every core test shares: L = 2, G = 1 (< L), quantile gate of rank 2
 # (on the tiny random model this fires on some prompts and not on others), λ = 16 (large enough
 # that every prompt the gate fires on gets a different greedy answer).
-TRAIN_KW = dict(layer=2, gate_layer=1, gate_kind="quantile", gate_rank=2, strength=16.0, seed=0)
+TRAIN_KW = dict(layer=2, gate_layer=1, gate_kind="quantile", gate_rank=2, strength=16.0, seed=0, gate_pool="last")
 
 
 @pytest.fixture(scope="session")
@@ -77,6 +77,29 @@ def trained(fsteer_cache, tok):
 
     return train(LoadedModel(tiny_model("llama"), tok, "tiny-llama"), ["demo:harmful"], ["demo:benign"],
                  TrainOptions(**TRAIN_KW))
+
+
+@pytest.fixture(scope="session")
+def trained_mean(fsteer_cache, tok):
+    """The same, with the gate reading the mean over the prompt's tokens (gate_pool="mean").
+
+    On a random tiny model the prompt means are alike and the trained gate fires on every demo
+    prompt, so it is re-calibrated to fire on the half of 16 demo prompts with the higher score:
+    the per-row tests then see both gate values."""
+    from fsteer_export.activations import prompt_states
+    from fsteer_export.data import demo_prompts
+    from fsteer_export.models import LoadedModel
+    from fsteer_export.testing import tiny_model
+    from fsteer_export.train import TrainOptions, train
+
+    lm = LoadedModel(tiny_model("llama"), tok, "tiny-llama")
+    result = train(lm, ["demo:harmful"], ["demo:benign"], TrainOptions(**{**TRAIN_KW, "gate_pool": "mean"}))
+    pool = demo_prompts("harmful")[:8] + demo_prompts("benign")[:8]
+    g = result.config.gate_layer
+    with torch.no_grad():
+        s, _ = result.head.gate.project(prompt_states(lm.model, tok, pool, [g], pool="mean")[g])
+    result.head.gate.calib_scores.fill_(float(s.median()))
+    return result
 
 
 @pytest.fixture(scope="session")

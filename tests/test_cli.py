@@ -46,7 +46,7 @@ def cli_adapter(tiny_folder, tmp_path_factory, fsteer_cache):
     result = invoke("train", "--model", tiny_folder, "--out", out, *TRAIN_ARGS)
     assert result.exit_code == 0, result.output
     assert f"adapter saved to {out}" in result.stdout
-    assert "chose: layer L=2, gate layer G=1, gate=quantile (rank 2)" in result.stdout
+    assert "chose: layer L=2, gate layer G=1, gate=quantile (rank 2, reading the " in result.stdout
     return out
 
 
@@ -211,6 +211,10 @@ def test_bad_layer_at_the_cli(tiny_folder, tmp_path):
     line = one_line_error(invoke("train", "--model", tiny_folder, "--out", tmp_path / "a", "--data", "demo:harmful",
                                  "--layer", 1, "--gate-layer", 3))
     assert "error: --gate-layer 3 is after --layer 1" in line
+    line = one_line_error(invoke("train", "--model", tiny_folder, "--out", tmp_path / "a", "--data", "demo:harmful",
+                                 "--gate-pool", "max"))
+    assert line == "error: unknown gate pooling 'max' — fix: use --gate-pool last or mean"
+    assert not (tmp_path / "a").exists()
 
 
 def test_unknown_model_at_the_cli(tmp_path):

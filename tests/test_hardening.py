@@ -139,10 +139,19 @@ def test_empty_and_binary_config(adapter_copy):
     (dict(layer=1), "lacks tensor base_model.model.model.layers.1.fsteer.gate.basis"),  # keys name the layer
     (dict(gate_layer=2), "fails its checksum"),
     (dict(gate_kind="soft"), "fails its checksum"),
+    (dict(gate_pool="max"), "field 'gate_pool' is 'max', not one of last, mean"),
+    (dict(gate_pool="mean"), "fails its checksum"),  # a last-token gate cannot be re-read as a mean one
 ])
 def test_malformed_config_fields(adapter_copy, changes, fragment):
     edit_config(adapter_copy, **changes)
     assert fragment in load_error(adapter_copy)
+
+
+def test_config_without_gate_pool_reads_the_last_token(adapter_copy):
+    """Adapters saved before gate_pool existed load unchanged (same checksum, last-token gate)."""
+    edit_config(adapter_copy, gate_pool=DELETE)
+    head = load_adapter(tiny_model("llama"), adapter_copy)
+    assert head.gate_pool == "last"
 
 
 def test_harmless_config_edits_still_load(adapter_copy, tok):

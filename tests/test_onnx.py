@@ -24,8 +24,10 @@ ARCHS = ("llama", "qwen2", "gemma3", "gpt2")
 # 2 decoder layers, steering layer L = 1; Qwen2 gets 3 so its gate can read an earlier layer
 # (G = 1 < L = 2: the "tap" path). G = 0 would read token embeddings: the same for every prompt.
 LAYERS = {"qwen2": 3}
-TRAIN = {"llama": dict(layer=1), "qwen2": dict(layer=2, gate_layer=1), "gemma3": dict(layer=1),
-         "gpt2": dict(layer=1)}
+# Half the architectures gate on the last prompt token, half on the mean over the prompt (the
+# pooling weights come from attention_mask inside the graph), one of them through the tap path.
+TRAIN = {"llama": dict(layer=1, gate_pool="last"), "qwen2": dict(layer=2, gate_layer=1, gate_pool="mean"),
+         "gemma3": dict(layer=1, gate_pool="mean"), "gpt2": dict(layer=1, gate_pool="last")}
 OPTIMIZE = {"llama": True}  # the default path (onnxscript optimizer) once; the others skip it for speed
 TOL = 1e-4
 PROMPTS = [*PARITY_PROMPTS, "What is the capital of France?", "Tell me a joke about cats and dogs, please."]
@@ -39,13 +41,17 @@ def _mixed_gate(lm, result) -> None:
     """
     from fsteer_export.activations import encode_prompt, pad_left
     from fsteer_export.onnx_export import position_ids_from_mask
+    from fsteer_export.steering import mean_pool, prompt_pool_weights
 
     gate = result.head.gate
     ids, mask = pad_left([encode_prompt(lm.tokenizer, p) for p in PARITY_PROMPTS], lm.tokenizer.pad_token_id, "cpu")
     with torch.no_grad():
         out = lm.model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
                        output_hidden_states=True, use_cache=False)
-        s, _ = gate.project(out.hidden_states[result.config.gate_layer][:, -1])
+        h = out.hidden_states[result.config.gate_layer]
+        pooled = h[:, -1] if result.config.gate_pool == "last" else mean_pool(
+            h, prompt_pool_weights(mask, None, tuple(mask.shape)))
+        s, _ = gate.project(pooled)
     s = torch.sort(s).values
     gate.calib_scores.fill_(float((s[1] + s[2]) / 2))
 

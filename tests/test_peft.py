@@ -120,6 +120,25 @@ def test_peft_from_pretrained_matches_our_loader(adapter_dir, tok, ours):
     assert torch.equal(logits(model, tok), ours["logits"])  # enabled again
 
 
+def test_mean_pooled_gate_through_peft(trained_mean, tok, tmp_path):
+    """A gate_pool="mean" adapter: PeftModel, transformers' load_adapter and our loader agree, per row."""
+    from fsteer_export.generate import greedy_tokens
+
+    folder = save_adapter(tmp_path / "mean", trained_mean.config, trained_mean.head, plots=False)
+    model = tiny_model("llama")
+    load_adapter(model, folder)
+    want, tokens = logits(model, tok), greedy_tokens(model, tok, PROMPTS, NEW_TOKENS)
+    gates = steering_context(model).gates["default"].tolist()
+    assert not torch.equal(want, logits(tiny_model("llama"), tok))
+    peft = PeftModel.from_pretrained(tiny_model("llama"), str(folder))
+    assert torch.equal(logits(peft, tok), want)
+    assert steering_context(peft).gates["default"].tolist() == gates
+    assert greedy(peft, tok, use_cache=True) == tokens == greedy(peft, tok, use_cache=False)
+    hf = tiny_model("llama")
+    hf.load_adapter(str(folder))
+    assert torch.equal(logits(hf, tok), want)
+
+
 def test_low_cpu_mem_usage_and_adapter_switching(adapter_dir, tok, ours, tmp_path):
     other = synthetic_adapter(tmp_path / "b", tiny_model("llama"), layer=3, gate_layer=3, seed=4)
     model = PeftModel.from_pretrained(tiny_model("llama"), str(adapter_dir), low_cpu_mem_usage=True)

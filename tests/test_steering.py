@@ -28,9 +28,16 @@ def gates_alone(model, tok, prompts):
     return [generate(model, tok, [p], max_new_tokens=1)[0].gate for p in prompts]
 
 
+@pytest.fixture(scope="module", params=["last", "mean"])
+def pooled(request):
+    """The trained adapter, once with the gate on the last prompt token and once on the prompt mean."""
+    return request.getfixturevalue("trained" if request.param == "last" else "trained_mean")
+
+
 @pytest.fixture(scope="module")
-def mixed(trained, tok):
+def mixed(pooled, tok):
     """Prompts the trained gate fires on (g = 1) and prompts it leaves alone (g = 0), mixed lengths."""
+    trained = pooled
     model = steered(tiny_model("llama"), trained)
     gates = gates_alone(model, tok, POOL)
     fired = [p for p, g in zip(POOL, gates) if g == 1.0][:4]
@@ -66,7 +73,8 @@ def layer_io(model, ids, mask, layer):
 
 # -- per-row correctness with a trained adapter -------------------------------------------------
 
-def test_alone_equals_inside_left_padded_batch(trained, tok, mixed):
+def test_alone_equals_inside_left_padded_batch(pooled, tok, mixed):
+    trained = pooled
     prompts, gate = mixed
     base = greedy_tokens(tiny_model("llama"), tok, prompts, NEW, batch_size=1)
     model = steered(tiny_model("llama"), trained)
@@ -80,7 +88,8 @@ def test_alone_equals_inside_left_padded_batch(trained, tok, mixed):
             assert a == b, "where the gate is 0 the answer must be the base model's"
 
 
-def test_kv_cache_and_no_cache_give_the_same_tokens(trained, tok, mixed):
+def test_kv_cache_and_no_cache_give_the_same_tokens(pooled, tok, mixed):
+    trained = pooled
     prompts, _ = mixed
     model = steered(tiny_model("llama"), trained)
     with_cache = greedy_tokens(model, tok, prompts, NEW, batch_size=len(prompts), use_cache=True)
@@ -90,7 +99,8 @@ def test_kv_cache_and_no_cache_give_the_same_tokens(trained, tok, mixed):
     assert [o.gate for o in out] == [o.gate for o in generate(model, tok, prompts, max_new_tokens=NEW)]
 
 
-def test_per_row_gate_values_in_a_mixed_batch(trained, tok, mixed):
+def test_per_row_gate_values_in_a_mixed_batch(pooled, tok, mixed):
+    trained = pooled
     prompts, gate = mixed
     model = steered(tiny_model("llama"), trained)
     out = generate(model, tok, prompts, max_new_tokens=2, batch_size=len(prompts))
@@ -108,7 +118,8 @@ def test_per_row_gate_values_in_a_mixed_batch(trained, tok, mixed):
         assert (state[row].abs().sum() == 0) == (value == 0.0)
 
 
-def test_gate_zero_rows_have_exactly_the_base_logits(trained, tok, mixed):
+def test_gate_zero_rows_have_exactly_the_base_logits(pooled, tok, mixed):
+    trained = pooled
     prompts, gate = mixed
     base = logits(tiny_model("llama"), tok, prompts)
     out = logits(steered(tiny_model("llama"), trained), tok, prompts)
@@ -231,3 +242,64 @@ def test_adapter_with_the_same_name_twice_is_refused(trained):
     model = steered(tiny_model("llama"), trained)
     with pytest.raises(FSteerError, match="already loaded"):
         add_adapter(model, trained.config, state=trained.head.state_dict())
+
+
+# -- the mean-pooled gate input ------------------------------------------------------------------
+
+def test_prompt_pool_weights():
+    from fsteer_export.steering import prompt_pool_weights
+
+    left = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]])
+    assert prompt_pool_weights(left, None, (3, 5)).tolist() == [[0, 0, 0, 1, 1], [0, 1, 1, 1, 1], [0, 0, 0, 0, 1]]
+    right = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    last = torch.tensor([2, 3])  # e.g. scoring prompt + answer in one pass: the prompt ends at 3
+    assert prompt_pool_weights(right, last, (2, 5)).tolist() == [[0, 1, 1, 0, 0], [0, 1, 1, 1, 0]]
+    assert prompt_pool_weights(None, None, (1, 3)).tolist() == [[0, 1, 1]]
+
+
+def test_mean_gate_reads_what_training_extracted(trained_mean, tok, mixed):
+    """The runtime's pooled gate input equals the extraction's, row by row, in a left-padded batch."""
+    from fsteer_export.activations import prompt_states
+
+    prompts, _ = mixed
+    cfg = trained_mean.config
+    assert cfg.gate_pool == "mean" and cfg.gate_layer < cfg.layer
+    model = steered(tiny_model("llama"), trained_mean)
+    ids, mask = pad_left([encode_prompt(tok, p) for p in prompts], tok.pad_token_id, "cpu")
+    from fsteer_export.activations import position_ids
+    with torch.no_grad(), generation_session(model) as ctx:
+        model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask))
+        got = ctx.gate_inputs["default"]["mean"]
+    base = tiny_model("llama")
+    want = prompt_states(base, tok, prompts, [cfg.gate_layer], pool="mean")[cfg.gate_layer]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    last = prompt_states(base, tok, prompts, [cfg.gate_layer])[cfg.gate_layer]
+    assert not torch.allclose(want, last)  # the two pools really differ
+
+
+def test_mean_gate_ignores_padding_and_other_rows(trained_mean, tok):
+    """Right padding with an explicit last index, left padding and a lone prompt: the same gate."""
+    from fsteer_export.steering import prompt_end
+
+    model = steered(tiny_model("llama"), trained_mean)
+    prompts = [POOL[0], POOL[9], "Hi"]
+    seqs = [encode_prompt(tok, p) for p in prompts]
+    alone = []
+    for s in seqs:
+        with torch.no_grad(), generation_session(model) as ctx:
+            model(input_ids=torch.tensor([s]))
+            alone.append(ctx.gate_inputs["default"]["mean"][0])
+    width = max(len(s) for s in seqs)
+    ids = torch.tensor([s + [tok.pad_token_id] * (width - len(s)) for s in seqs])
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+    with torch.no_grad(), generation_session(model) as ctx:
+        model(input_ids=ids, attention_mask=mask)
+        right = ctx.gate_inputs["default"]["mean"]
+    # One pass over prompt + answer (scoring): the gate reads the prompt part only.
+    answer = [5, 6, 7]
+    with torch.no_grad(), generation_session(model) as ctx, prompt_end(model, torch.tensor([len(seqs[0]) - 1])):
+        model(input_ids=torch.tensor([seqs[0] + answer]))
+        scored = ctx.gate_inputs["default"]["mean"][0]
+    for i in range(len(prompts)):
+        torch.testing.assert_close(right[i], alone[i], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(scored, alone[0], rtol=1e-5, atol=1e-5)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from sklearn.metrics import roc_auc_score
 
-from ..activations import prompt_states
+from ..activations import prompt_features
 from ..baselines import METHODS, build_heads, install
 from ..data import load_many
 from ..generate import generate
@@ -45,9 +45,10 @@ def _sample(items: list[str], n: int, seed: int, exclude: set[str]) -> list[str]
     return random.Random(seed).sample(items, min(n, len(items)))
 
 
-def _gates(head, states: dict[int, torch.Tensor], layer: int) -> torch.Tensor:
+def _gates(head, states: dict[str, dict[int, torch.Tensor]], layer: int) -> torch.Tensor:
+    """Each test prompt's gate, from the states the way the steering layer reads them."""
     with torch.no_grad():
-        g, _ = head(states[head.gate_layer], states[layer])
+        g, _ = head(states[getattr(head, "gate_pool", "last")][head.gate_layer], states["last"][layer])
     return g
 
 
@@ -83,11 +84,12 @@ def run_safety(lm: LoadedModel, train_paths: Sequence[str], general_paths: Seque
     heads = build_heads(result.head, result.activations, [m for m in opts.methods if m != "none"])
 
     with status("prompt states of the test sets"):
-        states = prompt_states(model, tok, harmful + all_benign, sorted({cfg.gate_layer, layer}),
-                               batch_size=opts.batch_size)
+        states = prompt_features(model, tok, harmful + all_benign, sorted({cfg.gate_layer, layer}),
+                                 batch_size=opts.batch_size)
     n_h = len(harmful)
-    h_states = {l: v[:n_h] for l, v in states.items()}
-    b_states = {l: v[n_h:] for l, v in states.items()}
+    h_states = {p: {l: v[:n_h] for l, v in by_layer.items()} for p, by_layer in states.items()}
+    b_states = {p: {l: v[n_h:] for l, v in by_layer.items()} for p, by_layer in states.items()}
+    g_pool = cfg.gate_pool
 
     gen = lambda prompts, desc: [c.completion for c in generate(  # noqa: E731
         model, tok, prompts, max_new_tokens=opts.max_new_tokens, batch_size=opts.batch_size, desc=desc)]
@@ -142,11 +144,11 @@ def run_safety(lm: LoadedModel, train_paths: Sequence[str], general_paths: Seque
 
     # Gate detection quality (FineSteer's gate score on the test prompts).
     with torch.no_grad():
-        score_h = result.head.gate.score(h_states[cfg.gate_layer]).tolist()
-        score_b = result.head.gate.score(b_states[cfg.gate_layer]).tolist()
-        fire_h = (result.head.gate(h_states[cfg.gate_layer]) > 0).float()
-        fire_b = (result.head.gate(b_states[cfg.gate_layer]) > 0).float()
-        usage = result.head.mose.routing(h_states[layer]).mean(0).tolist()
+        score_h = result.head.gate.score(h_states[g_pool][cfg.gate_layer]).tolist()
+        score_b = result.head.gate.score(b_states[g_pool][cfg.gate_layer]).tolist()
+        fire_h = (result.head.gate(h_states[g_pool][cfg.gate_layer]) > 0).float()
+        fire_b = (result.head.gate(b_states[g_pool][cfg.gate_layer]) > 0).float()
+        usage = result.head.mose.routing(h_states["last"][layer]).mean(0).tolist()
     detection = {"tpr": float(fire_h.mean()), "fpr": float(fire_b.mean()),
                  "roc_auc": float(roc_auc_score([1] * len(score_h) + [0] * len(score_b), score_h + score_b)),
                  "threshold": float(result.head.gate.lo) if cfg.gate_kind != "quantile" else None}

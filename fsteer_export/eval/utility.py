@@ -75,7 +75,8 @@ def run_utility(lm: LoadedModel, folder: str | Path, per_subject: int = 5, seed:
         for name, head in loaded.items():
             layers = sorted({head.gate_layer})
             with steering_disabled(lm.model):
-                st = prompt_states(lm.model, lm.tokenizer, prompts, layers, batch_size=batch_size)
+                st = prompt_states(lm.model, lm.tokenizer, prompts, layers, batch_size=batch_size,
+                                   pool=head.gate_pool)
             with torch.no_grad():
                 fire[name] = float((head.gate(st[head.gate_layer]) > 0).float().mean())
         methods["finesteer"] = {"accuracy": float((pred_s == gold).float().mean()),
