@@ -109,6 +109,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-sizes", default="1,8")
     ap.add_argument("--prompts", type=int, default=8, help="prompts per batch size (a multiple of each batch)")
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--ort-levels", default="basic,all",
+                    help="onnxruntime graph optimization levels to time; the first is the headline")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1,
                     help="intra-op threads for both engines (1: fair and stable on a shared machine; "
@@ -139,7 +141,10 @@ def main(argv: list[str] | None = None) -> dict:
         res = export_onnx(lm, adapter, onnx_dir, overwrite=True)
         export_s = time.perf_counter() - t0
     meta = read_meta(onnx_dir)
-    runner = OnnxSteeredModel(onnx_dir, provider="CPUExecutionProvider", threads=args.threads)
+    levels = args.ort_levels.split(",")
+    runners = {lv: OnnxSteeredModel(onnx_dir, provider="CPUExecutionProvider", threads=args.threads, optimization=lv)
+               for lv in levels}
+    runner = runners[levels[0]]
     load_adapter(lm.model, adapter)
     prompts = _prompts(args.prompts)
 
@@ -158,6 +163,14 @@ def main(argv: list[str] | None = None) -> dict:
         row["pytorch"] = _measure(eager, len(prompts), args.new_tokens, args.repeats)
         print(f"batch {batch}: onnxruntime ...", flush=True)
         row["onnxruntime"] = _measure(ort_run, len(prompts), args.new_tokens, args.repeats)
+        row["onnxruntime_levels"] = {levels[0]: row["onnxruntime"]}
+        for lv in levels[1:]:
+            print(f"batch {batch}: onnxruntime ({lv}) ...", flush=True)
+            row["onnxruntime_levels"][lv] = _measure(_onnx_runner(runners[lv], prompts, batch), len(prompts),
+                                                     args.new_tokens, args.repeats)
+        row["decode_speedup_by_level"] = {
+            lv: round(m["decode_tokens_per_s"] / row["pytorch"]["decode_tokens_per_s"], 2)
+            for lv, m in row["onnxruntime_levels"].items()}
         row["decode_speedup"] = round(row["onnxruntime"]["decode_tokens_per_s"]
                                       / row["pytorch"]["decode_tokens_per_s"], 2)
         row["end_to_end_speedup"] = round(row["onnxruntime"]["end_to_end_tokens_per_s"]
@@ -213,6 +226,11 @@ def _markdown(r: dict) -> str:
                      f"{ox['decode_tokens_per_s']} | {row['decode_speedup']}× | {pt['end_to_end_tokens_per_s']} | "
                      f"{ox['end_to_end_tokens_per_s']} | {row['end_to_end_speedup']}× | "
                      f"{row['identical_tokens_rows']}/{row['rows']} |")
+    for row in r["results"]:
+        if len(row.get("decode_speedup_by_level", {})) > 1:
+            lines.append("")
+            lines.append(f"Batch {row['batch_size']}, decode speed-up by onnxruntime optimization level: " + ", ".join(
+                f"{lv} {sp}×" for lv, sp in row["decode_speedup_by_level"].items()))
     env = r["environment"]
     lines += ["", f"{r['method']}. torch {env['torch']} ({env['torch_threads']} threads), onnxruntime "
               f"{env['onnxruntime']} (CPUExecutionProvider, {env['onnxruntime_threads']} threads), "

@@ -29,6 +29,8 @@ def main() -> None:
     ap.add_argument("--on-policy", action="store_true", help="train FineSteer on the model's own answers")
     ap.add_argument("--layer", type=int, default=None, help="steering layer L (default: the trainer's)")
     ap.add_argument("--gate-layer", type=int, default=None, help="gate layer G (default: chosen on validation)")
+    ap.add_argument("--gate-pool", choices=("last", "mean"), default=None,
+                    help="what the gate reads (default: chosen on validation)")
     ap.add_argument("--harmful", nargs="*", default=None,
                     help="harmful test sets (default: held-out AdvBench); names of prepared splits "
                          "(strongreject_test, xstest_unsafe) or paths / demo:harmful")
@@ -36,7 +38,8 @@ def main() -> None:
     s = prepare(a.out.parent / "splits")
     lm = load_model(a.model)
     opts = SafetyOptions(methods=tuple(a.methods.split(",")), n_harmful=a.n, n_benign=a.n,
-                         train=TrainOptions(on_policy=a.on_policy, layer=a.layer, gate_layer=a.gate_layer))
+                         train=TrainOptions(on_policy=a.on_policy, layer=a.layer, gate_layer=a.gate_layer,
+                                                 gate_pool=a.gate_pool))
     res = run_safety(lm, [s["advbench_train"], s["strongreject_train"]], [s["alpaca_train"]],
                      [s.get(h, h) for h in a.harmful] if a.harmful else [s["advbench_test"]], {"xstest": [s["xstest_safe"]], "alpaca": [s["alpaca_test"]]}, opts)
     res["machine"] = machine()

@@ -14,9 +14,9 @@ place, traced with ``torch.onnx.export(..., dynamo=True)`` through a small wrapp
 Prefill is "past length == 0" (computed in the graph from the past tensors' shape) in the KV-cache
 variant, and an explicit ``prefill`` input without the cache, where every step recomputes the full
 sequence. At prefill the state g·v is computed from each row's last prompt token (position -1:
-left padding) — or, for a ``gate_pool="mean"`` adapter, the gate from the mean over the row's
-attended prompt tokens (weights from ``attention_mask``); afterwards the passed-in state is carried through. λ (``strength``) is a graph
-input: λ = 0 gives exactly the unsteered model.
+left padding) — for a ``gate_pool="mean"`` adapter the gate reads the mean over the row's
+attended prompt tokens (weights from ``attention_mask``) —; afterwards the passed-in state is
+carried through. λ (``strength``) is a graph input: λ = 0 gives exactly the unsteered model.
 
 The export is declared a success only after ``onnx.checker`` and a parity check of onnxruntime
 against PyTorch eager (the same steering module, loaded with ``load_adapter``) on a left-padded

@@ -61,10 +61,20 @@ def choose_provider(provider: str | None) -> str:
     return name
 
 
+# onnxruntime graph optimization levels. "basic" (constant folding, redundant-node removal) is the
+# default: the "extended"/"all" fusions (layer norms, attention, GELU) re-associate fp32 sums and
+# moved SmolLM2's steered decode logits by 1.5e-4 vs PyTorch, against 9.2e-5 with "basic"
+# (bench/RESULTS.md), with no measured speed gain on CPU.
+OPTIMIZATION_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
+                       "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+DEFAULT_OPTIMIZATION = "basic"
+
+
 class OnnxSteeredModel:
     """A loaded export: ``generate`` for text, ``steps`` for token-level control (parity checks)."""
 
-    def __init__(self, folder: str | Path, provider: str | None = None, threads: int | None = None) -> None:
+    def __init__(self, folder: str | Path, provider: str | None = None, threads: int | None = None,
+                 optimization: str = DEFAULT_OPTIMIZATION) -> None:
         import onnxruntime as ort
         from transformers import AutoTokenizer
 
@@ -86,8 +96,12 @@ class OnnxSteeredModel:
                               "re-run fsteer export onnx") from exc
         prepare_tokenizer(self.tokenizer)
         self.eos_ids, self.max_positions = self._read_configs()
+        if optimization not in OPTIMIZATION_LEVELS:
+            raise FSteerError(f"unknown onnxruntime optimization level {optimization!r}",
+                              f"use one of {', '.join(OPTIMIZATION_LEVELS)}")
+        self.optimization = optimization
         opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPTIMIZATION_LEVELS[optimization])
         opts.log_severity_level = 3
         if threads:
             opts.intra_op_num_threads = int(threads)

@@ -197,6 +197,12 @@ def test_runner_sampling_and_options(exported):
         runner.generate(PROMPTS, do_sample=True, temperature=0.0)
     with pytest.raises(FSteerError, match="≥ 1"):
         runner.generate(PROMPTS, max_new_tokens=0)
+    # graph optimization: "basic" by default (fewer fp32 re-associations); every level gives the same tokens
+    assert runner.optimization == "basic"
+    full = OnnxSteeredModel(out, provider="cpu", threads=1, optimization="all")
+    assert [x.completion for x in full.generate(PROMPTS, max_new_tokens=8)] == [y.completion for y in greedy]
+    with pytest.raises(FSteerError, match="unknown onnxruntime optimization level 'fast'"):
+        OnnxSteeredModel(out, provider="cpu", optimization="fast")
 
 
 # -- without a KV cache ------------------------------------------------------------------------

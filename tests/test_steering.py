@@ -189,11 +189,11 @@ def test_gate_layer_before_steering_layer(trained, tok, mixed):
 
 # -- every architecture ----------------------------------------------------------------------------
 
-def random_head(model, layer=2, gate_layer=1, strength=4.0, seed=0):
+def random_head(model, layer=2, gate_layer=1, strength=4.0, seed=0, gate_pool="last"):
     """A FineSteer head with random (valid) values: gate open on every prompt, non-zero v."""
     cfg = FineSteerConfig(layer=layer, gate_layer=gate_layer, hidden_size=32, gate_kind="quantile", gate_rank=4,
                           calib_size=8, experts=3, residual_rank=4, key_dim=8, mlp_hidden=16, strength=strength,
-                          base_model_type=model_type(model), base_num_layers=4)
+                          base_model_type=model_type(model), base_num_layers=4, gate_pool=gate_pool)
     gen = torch.Generator().manual_seed(seed)
     head = FineSteerHead(cfg)
     state = {k: torch.randn(v.shape, generator=gen) for k, v in head.state_dict().items()}
@@ -204,18 +204,31 @@ def random_head(model, layer=2, gate_layer=1, strength=4.0, seed=0):
     return cfg, state
 
 
+@pytest.mark.parametrize("pool", ["last", "mean"])
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_every_architecture_steers_per_row_with_cache_parity(arch, tok):
+def test_every_architecture_steers_per_row_with_cache_parity(arch, pool, tok):
+    from fsteer_export.activations import position_ids
+    from fsteer_export.steering import mean_pool, prompt_pool_weights
+
     prompts = ["Hello there", "Write a poem about the sea and the moon please"]
     ids, mask = pad_left([encode_prompt(tok, p) for p in prompts], tok.pad_token_id, "cpu")
     base = tiny_model(arch)
     model = tiny_model(arch)
-    cfg, state = random_head(model)
+    cfg, state = random_head(model, gate_pool=pool)
     head = add_adapter(model, cfg, state=state)
     with torch.no_grad():
         hb = base(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
         hs, out = layer_io(model, ids, mask, 2)
-        g, v = head.gate(hb[1][:, -1]), head.mose(hb[2][:, -1])
+        h_gate = hb[1][:, -1] if pool == "last" else mean_pool(hb[1], prompt_pool_weights(mask, None, tuple(mask.shape)))
+        g, v = head.gate(h_gate), head.mose(hb[2][:, -1])
+        with generation_session(model) as ctx:  # what the steering layer actually fed the gate
+            model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask))
+            fed = ctx.gate_inputs["default"][pool]
+        with torch.no_grad():
+            want = base(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
+                        output_hidden_states=True).hidden_states[1]
+        want = want[:, -1] if pool == "last" else mean_pool(want, prompt_pool_weights(mask, None, tuple(mask.shape)))
+        torch.testing.assert_close(fed, want, rtol=1e-5, atol=1e-5)
     assert torch.equal(hs[2], hb[2])
     assert g.min() == 1.0 and v.abs().max() > 0
     torch.testing.assert_close(out, hb[3] + 4.0 * (g[:, None] * v)[:, None, :], rtol=1e-5, atol=1e-5)
