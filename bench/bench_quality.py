@@ -32,6 +32,8 @@ def main() -> None:
     ap.add_argument("--layer", type=int, help="steering layer for TruthfulQA (default: the training default)")
     ap.add_argument("--strengths", default="1,2,4", help="λ grid searched on each fold's validation questions")
     ap.add_argument("--methods", default="none,finesteer,caa,mose-only,scs-only")
+    ap.add_argument("--incorrect-per-question", type=int, default=1,
+                    help="TruthfulQA training pairs per question: best answer vs k incorrect answers (0: all)")
     a = ap.parse_args()
     lm = load_model("smollm2-135m-instruct")
     if a.adapter:
@@ -44,6 +46,7 @@ def main() -> None:
     if not a.skip_tqa:
         opts = TruthfulOptions(limit=a.tqa_limit, strengths=tuple(float(x) for x in a.strengths.split(",")),
                                n_strength_val=16, methods=tuple(a.methods.split(",")),
+                               incorrect_per_question=a.incorrect_per_question,
                                train=TrainOptions(task="truthfulqa", layer=a.layer))
         res = run_truthfulqa(lm, SHARED / "truthfulqa" / "mc_task.json", opts)
         res["machine"] = machine()

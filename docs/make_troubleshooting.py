@@ -145,6 +145,7 @@ def main() -> None:
         ("unknown architecture", ["train", "--model", opt_folder(), "--data", "demo:harmful", "--out", out], [], "train"),
         ("layer index out of range", train + ["--data", "demo:harmful", "--layer", "9"], [], "train"),
         ("gate layer after the steering layer", train + ["--data", "demo:harmful", "--layer", "1", "--gate-layer", "3"], [], "train"),
+        ("unknown gate pooling", train + ["--data", "demo:harmful", "--gate-pool", "max"], [], "train"),
         ("NaN activations (broken weights)", ["train", "--model", nan_model_folder(), "--data", "demo:harmful", "--out", out, "--layer", "2", "--gate-layer", "2"], [], "train"),
         ("--max-new-tokens beyond the context", ["generate", "--model", str(model), "--prompt", "hi", "--max-new-tokens", "300"], [], "generate"),
         ("Output folder", None, None, None),

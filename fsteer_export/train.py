@@ -109,9 +109,9 @@ def choose_gate(train_states: States, calib: States, val_pos: States, neg_train:
                 neg_val: States | None, layers: Sequence[int], opts: TrainOptions):
     """Best (G, pool, kind, rank) by TPR on held-out IR prompts minus 2×FPR on held-out general ones.
 
-    Ties go to the mean-pooled input, then the deeper layer: on SmolLM2 the mean-pooled gate fires
-    on 54 % of harmful prompts phrased unlike the training set, the last-token one on 14 %, at the
-    same false-positive rate (bench/RESULTS.md)."""
+    Ties go to the mean-pooled input, then the deeper layer: on SmolLM2, trained on AdvBench-style
+    requests, the mean-pooled gate fires on 55 % of question-style harmful prompts, the last-token
+    one on 14 %, at about the same false-positive rate (bench/RESULTS.md)."""
     kinds = [opts.gate_kind] if opts.gate_kind else (["logistic", "quantile"] if neg_train else ["quantile"])
     pools = [opts.gate_pool] if opts.gate_pool else list(GATE_POOLS)
     trials = []

@@ -124,3 +124,16 @@ def test_utility_suite_tiny(tiny_lm, tmp_path: Path, train_kw) -> None:
     assert res["questions"] == 6 and res["subjects"] == 2
     assert set(res["methods"]) == {"none", "finesteer"}
     assert 0.0 <= res["methods"]["finesteer"]["gate_fire_rate"]["default"] <= 1.0
+
+
+def test_truthfulqa_training_pairs_per_question() -> None:
+    import random
+
+    from fsteer_export.eval.truthfulqa import MCQuestion, _incorrect
+
+    q = MCQuestion("Q?", [("right", 1), ("w1", 0), ("w2", 0), ("w3", 0)], [])
+    assert _incorrect(q, 0, random.Random(0)) == ["w1", "w2", "w3"]  # all
+    assert _incorrect(q, 5, random.Random(0)) == ["w1", "w2", "w3"]
+    two = _incorrect(q, 2, random.Random(0))
+    assert len(two) == 2 and set(two) <= {"w1", "w2", "w3"}
+    assert _incorrect(q, 1, random.Random(7)) == [random.Random(7).choice(["w1", "w2", "w3"])]

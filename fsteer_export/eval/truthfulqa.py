@@ -41,6 +41,7 @@ class TruthfulOptions:
     limit: int | None = 200  # questions (seeded sample); None: all
     strengths: Sequence[float] = (0.5, 1.0, 2.0, 4.0)
     n_strength_val: int = 40
+    incorrect_per_question: int = 1  # training pairs per question: best answer vs k incorrect ones (0: all)
     batch_size: int = 16
     seed: int = 0
     train: TrainOptions = field(default_factory=lambda: TrainOptions(task="truthfulqa"))
@@ -94,6 +95,14 @@ def _score(lm: LoadedModel, questions: Sequence[MCQuestion], batch: int, only_mc
     return dict(zip(pairs, vals))
 
 
+def _incorrect(q: MCQuestion, k: int, rng: random.Random) -> list[str]:
+    """k of the question's MC1 incorrect answers (seeded), or all of them for k = 0."""
+    bad = [a for a, y in q.mc1 if y == 0]
+    if k == 1:
+        return [rng.choice(bad)]  # the same draws as before this option existed: recorded runs reproduce
+    return bad if k <= 0 or k >= len(bad) else rng.sample(bad, k)
+
+
 def run_truthfulqa(lm: LoadedModel, path: str | Path, opts: TruthfulOptions | None = None) -> dict:
     opts = opts or TruthfulOptions()
     t0 = time.perf_counter()
@@ -110,8 +119,8 @@ def run_truthfulqa(lm: LoadedModel, path: str | Path, opts: TruthfulOptions | No
     per_method: dict[str, dict[tuple[str, str], float]] = {"none": base}
     chosen: dict[str, list[float]] = {}
     for f, (train_q, test_q) in enumerate(folds):
-        pairs = [Pair(q.question, next(a for a, y in q.mc1 if y == 1), rng.choice([a for a, y in q.mc1 if y == 0]))
-                 for q in train_q]
+        pairs = [Pair(q.question, next(a for a, y in q.mc1 if y == 1), bad)
+                 for q in train_q for bad in _incorrect(q, opts.incorrect_per_question, rng)]
         topts = TrainOptions(**{**opts.train.__dict__, "task": "truthfulqa", "strength": 1.0})
         result = train(lm, [], [], topts, examples=pairs)
         val_q = [q for q in train_q if q.question in set(result.report.get("validation_prompts", []))]
