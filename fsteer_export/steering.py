@@ -198,7 +198,7 @@ class SteeringLayer(nn.Module, BaseTunerLayer):
             state = ctx.states.get(name)
             if state is None or state.shape[0] != tensor.shape[0]:
                 q = last if fresh else _last_token(hidden_states, None)
-                h_gate = self._gate_input(name, head, hidden_states, q, None if fresh else False)
+                h_gate = self._gate_input(name, head, hidden_states, q, prompt_pass=fresh)
                 with torch.no_grad() if not torch.is_grad_enabled() else contextlib.nullcontext():
                     g, v = head(h_gate, q)
                 state = g[:, None] * v
@@ -209,16 +209,16 @@ class SteeringLayer(nn.Module, BaseTunerLayer):
         return (tensor,) + tuple(out[1:]) if isinstance(out, tuple) else tensor
 
     def _gate_input(self, name: str, head: nn.Module, hidden: torch.Tensor, last: torch.Tensor,
-                    weights: torch.Tensor | None | bool = None) -> torch.Tensor:
+                    prompt_pass: bool = True) -> torch.Tensor:
         """The state the head's gate reads: tapped at G < L, else this layer's input; last or mean.
-        ``weights=False``: not a prompt pass (no prompt mask), pool over the current tokens."""
+        Outside a prompt pass there is no prompt mask: the mean is over the current tokens."""
         pool = getattr(head, "gate_pool", "last")
         tapped = self.ctx.gate_inputs.get(name) if head.gate_layer != self.layer_index else None
         if tapped is not None:
             return tapped[pool]
         if pool == "last":
             return last
-        return mean_pool(hidden, None if weights is False else self.ctx.pool_weights)
+        return mean_pool(hidden, self.ctx.pool_weights if prompt_pass else None)
 
     def _export_step(self, name: str, head: FineSteerHead, tensor: torch.Tensor, h_gate: torch.Tensor,
                      last: torch.Tensor) -> torch.Tensor:
