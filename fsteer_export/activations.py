@@ -161,7 +161,7 @@ def prompt_features(model: nn.Module, tokenizer, prompts: Sequence[str], layers:
             weights = prompt_pool_weights(mask, None, tuple(ids.shape), device)
             for l in layers:
                 h = taps.inputs[l]
-                feats = gate_features(h, h[:, -1, :].float(), weights)
+                feats = gate_features(h, h[:, -1, :].float(), weights, pools)
                 for pool in pools:
                     t = feats[pool].cpu()
                     _check_finite(t, f"the input of layer {l}")
@@ -230,7 +230,7 @@ def pair_activations(model: nn.Module, tokenizer, pairs: Sequence[Pair], prompt_
             weights = prompt_pool_weights(mask, q_last, tuple(ids.shape), device)
             for l in prompt_layers:
                 h = taps.inputs[l]
-                feats = gate_features(h, h[rows, q_last].float(), weights)
+                feats = gate_features(h, h[rows, q_last].float(), weights, pools)
                 for pool in pools:
                     s = feats[pool]
                     _check_finite(s, f"the input of layer {l}")

@@ -29,7 +29,6 @@ temporary path and renamed at the end, so a failed export leaves nothing at ``ou
 from __future__ import annotations
 
 import contextlib
-
 import json
 import logging
 import time
@@ -226,8 +225,8 @@ def eager_steps(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, steps: 
     pos = position_ids_from_mask(mask)
     logits, gates = [], None
     with generation_session(model) as ctx:
-        ov = strength_override(model, strength) if strength is not None else _null()
-        off = steering_disabled(model) if not steer else _null()
+        ov = strength_override(model, strength) if strength is not None else contextlib.nullcontext()
+        off = steering_disabled(model) if not steer else contextlib.nullcontext()
         with ov, off:
             cache = DynamicCache(config=model.config) if kv_cache else None
             out = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=kv_cache,
@@ -251,14 +250,6 @@ def eager_steps(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, steps: 
                 logits.append(out.logits[:, -1].float().cpu())
     return {"logits": logits, "tokens": torch.stack(tokens, 1) if tokens else torch.zeros((ids.shape[0], 0)),
             "gate": gates}
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 @contextlib.contextmanager

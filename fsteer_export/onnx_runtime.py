@@ -80,6 +80,10 @@ class OnnxSteeredModel:
 
         from .models import prepare_tokenizer
 
+        if optimization not in OPTIMIZATION_LEVELS:
+            raise FSteerError(f"unknown onnxruntime optimization level {optimization!r}",
+                              f"use one of {', '.join(OPTIMIZATION_LEVELS)}")
+        self.optimization = optimization
         self.folder = Path(folder)
         self.meta = read_meta(self.folder)
         self.provider = choose_provider(provider)
@@ -96,10 +100,6 @@ class OnnxSteeredModel:
                               "re-run fsteer export onnx") from exc
         prepare_tokenizer(self.tokenizer)
         self.eos_ids, self.max_positions = self._read_configs()
-        if optimization not in OPTIMIZATION_LEVELS:
-            raise FSteerError(f"unknown onnxruntime optimization level {optimization!r}",
-                              f"use one of {', '.join(OPTIMIZATION_LEVELS)}")
-        self.optimization = optimization
         opts = ort.SessionOptions()
         opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPTIMIZATION_LEVELS[optimization])
         opts.log_severity_level = 3

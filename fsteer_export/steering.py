@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import types
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from .config import FineSteerConfig
+from .config import GATE_POOLS, FineSteerConfig
 from .errors import FSteerError
 from .models import check_layer, decoder_layers, hidden_size, model_type, num_layers
 from .mose import MixtureOfSteeringExperts
@@ -108,9 +108,10 @@ def mean_pool(hidden: torch.Tensor, weights: torch.Tensor | None) -> torch.Tenso
     return (h * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1.0)
 
 
-def gate_features(hidden: torch.Tensor, last: torch.Tensor, weights: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """Both gate inputs a layer can offer; the head picks one by its ``gate_pool``."""
-    return {"last": last, "mean": mean_pool(hidden, weights)}
+def gate_features(hidden: torch.Tensor, last: torch.Tensor, weights: torch.Tensor | None,
+                  pools: Sequence[str] = GATE_POOLS) -> dict[str, torch.Tensor]:
+    """The gate inputs a layer offers (``pools`` of them); the head picks one by its ``gate_pool``."""
+    return {p: last if p == "last" else mean_pool(hidden, weights) for p in pools}
 
 
 class SteeringLayer(nn.Module, BaseTunerLayer):

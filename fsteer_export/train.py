@@ -293,8 +293,8 @@ def train(lm: LoadedModel, data: Sequence[str], general: Sequence[str] = (),
     timings["mose"] = time.perf_counter() - t3
 
     cfg = FineSteerConfig(
-        base_model_name_or_path=lm.name, layer=layer, gate_layer=best["gate_layer"], hidden_size=hidden_size(model),
-        gate_kind=gate.kind, gate_pool=best["pool"], gate_rank=gate.rank, calib_size=gate.calib_scores.shape[0],
+        base_model_name_or_path=lm.name, layer=layer, gate_layer=g_layer, hidden_size=hidden_size(model),
+        gate_kind=gate.kind, gate_pool=g_pool, gate_rank=gate.rank, calib_size=gate.calib_scores.shape[0],
         experts=fit.module.num_experts, residual_rank=fit.module.residual_basis.shape[1],
         key_dim=fit.module.query.out_features, mlp_hidden=fit.module.residual[0].out_features,
         strength=opts.strength if opts.strength is not None else 1.0, task=opts.task,
