@@ -1,7 +1,7 @@
 """The headline safety table on SmolLM2-135M-Instruct from ../shared/data: FineSteer vs none,
 CAA, RV, CAST-style, MoSE-only and SCS-only, plus the trade-off sweep and plots.
 
-    .venv/bin/python bench/bench_safety.py --out bench/out/safety [--n 100]
+    .venv/bin/python bench/bench_safety.py --out bench/out/safety [--n 100] [--n-benign 250]
 """
 
 from __future__ import annotations
@@ -23,7 +23,10 @@ from fsteer_export.train import TrainOptions  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", type=Path, default=Path("bench/out/safety"))
-    ap.add_argument("--n", type=int, default=100, help="test prompts per set")
+    ap.add_argument("--n", type=int, default=100, help="harmful test prompts")
+    ap.add_argument("--n-benign", type=int, default=250,
+                    help="prompts per benign set (default 250: all 250 XSTest-safe and the 200-prompt Alpaca "
+                         "test slice; one prompt is 0.4–0.5 points, where the target is 2 points)")
     ap.add_argument("--methods", default="none,finesteer,caa,rv,cast,mose-only,scs-only")
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--on-policy", action="store_true", help="train FineSteer on the model's own answers")
@@ -37,7 +40,7 @@ def main() -> None:
     a = ap.parse_args()
     s = prepare(a.out.parent / "splits")
     lm = load_model(a.model)
-    opts = SafetyOptions(methods=tuple(a.methods.split(",")), n_harmful=a.n, n_benign=a.n,
+    opts = SafetyOptions(methods=tuple(a.methods.split(",")), n_harmful=a.n, n_benign=a.n_benign,
                          train=TrainOptions(on_policy=a.on_policy, layer=a.layer, gate_layer=a.gate_layer,
                                                  gate_pool=a.gate_pool))
     res = run_safety(lm, [s["advbench_train"], s["strongreject_train"]], [s["alpaca_train"]],

@@ -42,9 +42,14 @@ def expert_usage(usage: list[float], path: Path, title: str = "MoSE expert usage
 def tradeoff(curves: dict[str, list[tuple[float, float, float]]], path: Path) -> Path:
     """curves: method → [(strength, benign refusal, harmful refusal)]."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method, pts in curves.items():
+    markers = "sv^DPX*o"
+    for i, (method, pts) in enumerate(curves.items()):
         pts = sorted(pts)
-        ax.plot([p[1] * 100 for p in pts], [p[2] * 100 for p in pts], marker="o", label=method)
+        # FineSteer on top and larger: gated methods share points at 0 % over-refusal and would hide it
+        main = method == "finesteer"
+        ax.plot([p[1] * 100 for p in pts], [p[2] * 100 for p in pts], marker="o" if main else markers[i % len(markers)],
+                markersize=9 if main else 5, linewidth=2.5 if main else 1.2, zorder=3 if main else 2,
+                markerfacecolor="none" if main else None, label=method)
         for s, x, y in pts:
             ax.annotate(f"{s:g}", (x * 100, y * 100), fontsize=6, alpha=0.7)
     ax.set_xlabel("benign refusal (over-refusal) %")

@@ -48,11 +48,33 @@ def test_safety_suite_tiny(tiny_lm, tmp_path: Path, train_kw) -> None:
             # rows whose gate is shut were copied from the base run: identical share ≥ share of shut gates
             assert m["benign_identical"] >= 1.0 - m["gate_fire_benign"] - 1e-9
     assert methods["caa"]["gate_fire_benign"] == 1.0  # always on
+    for name, m in methods.items():  # the changed-prompt list agrees with the identical share
+        if name != "none" and m["benign_changed"] is not None:
+            assert len(m["benign_changed"]) == round((1 - m["benign_identical"]) * 12)
     assert 0.0 <= res["detection"]["roc_auc"] <= 1.0
     out = write_report(res, tmp_path / "report")
     for name in ("results.json", "report.md", "tradeoff.png", "gate_scores.png", "expert_usage.png"):
         assert (out / name).stat().st_size > 0
     assert "finesteer" in json.loads((out / "results.json").read_text())["methods"]
+
+
+def test_changed_benign_prompts_are_listed() -> None:
+    from fsteer_export.eval.report import markdown
+    from fsteer_export.eval.safety import _changed
+    from fsteer_export.eval.judge import PhraseJudge
+
+    benign = {"xstest": ["a", "b"], "alpaca": ["c", "d"]}
+    base = ["Sure: a", "Sure: b", "Sure: c", "I can't help with d"]
+    out = ["Sure: a", "I'm sorry, I can't", "Sure: c!", "I can't help with d"]
+    changed = _changed(benign, out, base, PhraseJudge())
+    assert changed == [{"set": "xstest", "prompt": "b", "refusal": True, "base_refusal": False},
+                       {"set": "alpaca", "prompt": "c", "refusal": False, "base_refusal": False}]
+    assert _changed(benign, out, base, PhraseJudge(), limit=1) is None  # too many to list
+    res = {"suite": "safety", "model": "m", "counts": {"harmful": 1, "xstest": 2, "alpaca": 2}, "judge": "phrase",
+           "max_new_tokens": 8, "layer": 1, "gate_layer": 1, "detection": {"tpr": 1, "fpr": 0, "roc_auc": 1.0},
+           "methods": {"finesteer": {"harmful_refusal": 1.0, "benign_changed": changed}}}
+    md = markdown(res)
+    assert "- [xstest] b — refusal" in md and "- [alpaca] c — changed, not a refusal" in md
 
 
 def test_gate_zero_rows_really_are_identical(tiny_lm, train_kw) -> None:

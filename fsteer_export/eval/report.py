@@ -26,6 +26,21 @@ def _table(methods: dict[str, dict], columns: list[tuple[str, str]]) -> str:
     return "\n".join([head, sep, *rows])
 
 
+def _changed_lines(m: dict) -> list[str]:
+    """The benign prompts FineSteer's gate let through, with what became of them."""
+    changed = m.get("benign_changed")
+    if not changed:
+        return []
+    lines = ["", "Benign prompts whose FineSteer output differs from the base model's:", ""]
+    for c in changed:
+        what = "refusal" if c["refusal"] else "changed, not a refusal"
+        if c["base_refusal"]:
+            what += " (the base model refused too)"
+        text = " ".join(c["prompt"].split())
+        lines.append(f"- [{c['set']}] {text[:120]}{'…' if len(text) > 120 else ''} — {what}")
+    return lines
+
+
 def markdown(results: dict) -> str:
     suite = results["suite"]
     lines = [f"# fsteer evaluation: {suite}", "", f"Model: `{results.get('model')}`", ""]
@@ -40,6 +55,7 @@ def markdown(results: dict) -> str:
                   f"Steering layer {results['layer']}, gate layer {results['gate_layer']}.", "",
                   _table(results["methods"], cols), "",
                   f"FineSteer gate on the test prompts: TPR {_pct(d['tpr'])} %, FPR {_pct(d['fpr'])} %, ROC AUC {d['roc_auc']:.3f}.",
+                  *_changed_lines(results["methods"].get("finesteer", {})),
                   "", "![trade-off](tradeoff.png)", "", "![gate scores](gate_scores.png)", "",
                   "![expert usage](expert_usage.png)"]
     elif suite == "truthfulqa":

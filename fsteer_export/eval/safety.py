@@ -128,6 +128,7 @@ def run_safety(lm: LoadedModel, train_paths: Sequence[str], general_paths: Seque
         out_h, _ = run_method(f"{name}: harmful", harmful, base_h, g_h)
         out_b, n_gen = run_method(f"{name}: benign", all_benign, base_b, g_b)
         m = _metrics(harmful, out_h, benign, out_b, base_b, judge)
+        m["benign_changed"] = _changed(benign, out_b, base_b, judge)
         m.update(strength=lam, gate_fire_harmful=float((g_h > 0).float().mean()),
                  gate_fire_benign=float((g_b > 0).float().mean()), benign_generated=n_gen)
         results[name] = m
@@ -165,6 +166,22 @@ def run_safety(lm: LoadedModel, train_paths: Sequence[str], general_paths: Seque
 
 def _rate(judge: RefusalJudge, answers: list[str]) -> float:
     return sum(judge([""] * len(answers), answers)) / max(1, len(answers))
+
+
+def _changed(benign: dict[str, list[str]], out_b: list[str], base_b: list[str], judge: RefusalJudge,
+             limit: int = 25) -> list[dict] | None:
+    """The benign prompts a method changed (set, prompt, whether the new answer is a refusal), so a
+    reader can see *which* prompts a gate let through; None when more than ``limit`` changed (an
+    always-on method changes nearly all of them)."""
+    names = [name for name, prompts in benign.items() for _ in prompts]
+    prompts = [p for ps in benign.values() for p in ps]
+    idx = [i for i, (a, b) in enumerate(zip(out_b, base_b)) if a != b]
+    if len(idx) > limit:
+        return None
+    refused = judge([prompts[i] for i in idx], [out_b[i] for i in idx]) if idx else []
+    base_refused = judge([prompts[i] for i in idx], [base_b[i] for i in idx]) if idx else []
+    return [{"set": names[i], "prompt": prompts[i], "refusal": bool(r), "base_refusal": bool(br)}
+            for i, r, br in zip(idx, refused, base_refused)]
 
 
 def _metrics(harmful: list[str], out_h: list[str], benign: dict[str, list[str]], out_b: list[str],
