@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
         onnx_dir = args.out / "model"
         print(f"exporting to {onnx_dir} ...", flush=True)
         t0 = time.perf_counter()
-        res = export_onnx(lm, adapter, onnx_dir, overwrite=True)
+        export_onnx(lm, adapter, onnx_dir, overwrite=True)
         export_s = time.perf_counter() - t0
     meta = read_meta(onnx_dir)
     levels = args.ort_levels.split(",")

@@ -24,7 +24,7 @@ from torch import nn
 
 from .config import FORMAT_VERSION, GATE_POOLS, PEFT_TYPE_NAME, FineSteerConfig
 from .errors import FSteerError, read_json_object
-from .models import _LAYER_PATHS, model_type
+from .models import _LAYER_PATHS
 from .steering import ADAPTER_ATTR, FineSteerHead, add_adapter
 
 CONFIG_NAME = "adapter_config.json"

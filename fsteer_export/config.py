@@ -7,7 +7,6 @@ let loaders refuse an adapter trained for another model with one clear line.
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 
 from peft import PeftConfig

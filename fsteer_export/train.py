@@ -7,7 +7,6 @@ logistic gate) / validation (the gate's false-positive rate).
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from collections.abc import Sequence

@@ -23,7 +23,7 @@ from ..generate import generate
 from ..models import LoadedModel
 from ..progress import status
 from ..steering import remove_steering
-from ..train import TrainOptions, TrainResult, choose_strength, train
+from ..train import TrainOptions, choose_strength, train
 from .judge import PhraseJudge, RefusalJudge
 
 

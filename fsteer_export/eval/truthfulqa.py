@@ -8,7 +8,6 @@ validation questions by MC1.
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from collections.abc import Sequence

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import random
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
