@@ -30,6 +30,7 @@ def main() -> None:
     ap.add_argument("--mmlu-per-subject", type=int, default=2)
     ap.add_argument("--skip-tqa", action="store_true")
     ap.add_argument("--layer", type=int, help="steering layer for TruthfulQA (default: the training default)")
+    ap.add_argument("--experts", type=int, help="MoSE experts K for TruthfulQA (default: Calinski–Harabasz)")
     ap.add_argument("--strengths", default="1,2,4", help="λ grid searched on each fold's validation questions")
     ap.add_argument("--methods", default="none,finesteer,caa,mose-only,scs-only")
     ap.add_argument("--incorrect-per-question", type=int, default=1,
@@ -47,7 +48,7 @@ def main() -> None:
         opts = TruthfulOptions(limit=a.tqa_limit, strengths=tuple(float(x) for x in a.strengths.split(",")),
                                n_strength_val=16, methods=tuple(a.methods.split(",")),
                                incorrect_per_question=a.incorrect_per_question,
-                               train=TrainOptions(task="truthfulqa", layer=a.layer))
+                               train=TrainOptions(task="truthfulqa", layer=a.layer, experts=a.experts))
         res = run_truthfulqa(lm, SHARED / "truthfulqa" / "mc_task.json", opts)
         res["machine"] = machine()
         write_report(res, a.out / "truthfulqa", overwrite=True)
