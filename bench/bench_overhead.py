@@ -5,8 +5,7 @@ Three measurements: end-to-end ``generate`` tokens/s (what a user sees, ±2–3 
 here); the time of one KV-cache decode forward (the only place steering adds work per token):
 the plain model, the model with the adapter and a second plain copy (the control) take decode
 steps in turns, and each one's median step time is compared (the control shows what remains of
-the machine's noise); and the added
-work itself, timed in isolation: the backbone pre-hook and each steering wrapper run on the
+the machine's noise); and the added work itself, timed in isolation: the backbone pre-hook and each steering wrapper run on the
 inputs of a real decode step with the wrapped decoder layer replaced by a stub that returns its
 recorded output, minus the cost of calling that stub. The last one is what the steering adds to
 each decode step, free of the machine's run-to-run noise (it leaves out cache effects).
@@ -48,7 +47,8 @@ def _alternating_steps(models: dict[str, torch.nn.Module], tok, prompts, steps: 
     turns step by step (order reversed every round), each cache cropped back after its step.
 
     Why: two runs of the same model minutes apart differ here by 1–3 %; steps taken in turns see
-    the same machine, so a plain copy against another plain copy differs by < 0.1 %."""
+    the same machine state, so drift cancels. The control copy shows the noise that is left
+    (0.02–1.1 % in the runs recorded in bench/RESULTS.md)."""
     ids, mask = pad_left([encode_prompt(tok, p) for p in prompts], tok.pad_token_id, "cpu")
     mask2 = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
     pos = mask2.sum(1, keepdim=True) - 1
