@@ -6,6 +6,8 @@ import datetime as _dt
 import json
 import os
 import platform
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -15,6 +17,16 @@ def machine() -> dict:
     return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(), "date": _dt.date.today().isoformat()}
+
+
+def timings(fn: Callable[[], object], n: int) -> list[float]:
+    """Seconds of each of ``n`` calls of ``fn``."""
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
 
 
 def write(out: Path, name: str, results: dict, markdown: str) -> None:

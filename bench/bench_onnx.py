@@ -30,6 +30,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import timings  # noqa: E402
+
 
 def _prompts(n: int) -> list[str]:
     from fsteer_export.data import demo_prompts
@@ -40,12 +43,7 @@ def _prompts(n: int) -> list[str]:
 
 
 def _best(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    return min(timings(fn, repeats))
 
 
 def _eager_runner(model, tokenizer, prompts: list[str], batch: int):

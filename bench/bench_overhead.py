@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import write  # noqa: E402
+from _common import timings, write  # noqa: E402
 
 from fsteer_export.activations import encode_prompt, pad_left  # noqa: E402
 from fsteer_export.adapter import load_adapter  # noqa: E402
@@ -83,12 +83,7 @@ class _Recorded(torch.nn.Module):
 
 
 def _median_us(fn, n: int) -> float:
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1e6 * sorted(times)[n // 2]
+    return 1e6 * sorted(timings(fn, n))[n // 2]
 
 
 def _added_work_us(model, tok, prompts, n: int = 2000) -> dict:
@@ -119,7 +114,7 @@ def _added_work_us(model, tok, prompts, n: int = 2000) -> dict:
         backbone = _backbone(model)
         a, k = backbone_call[-1]
         pre_hook = backbone._forward_pre_hooks[backbone._fsteer_hook.id]
-        res["pre_hook_us"] = _median_us(lambda: pre_hook(backbone, a, k), n)
+        res["pre_hook_us"] = round(_median_us(lambda: pre_hook(backbone, a, k), n), 2)
         for i, sl in enumerate(layers):
             args, kwargs, recorded = calls[i]
             real, stub = sl.base_layer, _Recorded(recorded)
@@ -131,7 +126,6 @@ def _added_work_us(model, tok, prompts, n: int = 2000) -> dict:
             finally:
                 sl.base_layer = real
             res[f"layer_{sl.layer_index}_us"] = round(wrapped - bare, 2)
-    res["pre_hook_us"] = round(res["pre_hook_us"], 2)
     res["total_us"] = round(sum(v for k, v in res.items() if k != "total_us"), 2)
     return res
 
