@@ -81,9 +81,9 @@ def _onnx_runner(runner, prompts: list[str], batch: int):
 
 
 def _measure_in_turns(runs: dict, rows: int, new_tokens: int, repeats: int) -> dict:
-    """Time every ``runs[name]`` (a callable taking N, with its own set-up) in turns; best of ``repeats``.
+    """Time the ``runs`` in turns, best of ``repeats`` each, so a slow spell of the machine hits all of them.
 
-    Each value is ``(prepare, run)``: ``prepare()`` sets the thread count the run needs.
+    Each value is ``(prepare, run)``: ``prepare()`` sets the thread count, ``run(n)`` generates n tokens.
     """
     for prepare, run in runs.values():
         prepare()
