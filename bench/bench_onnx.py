@@ -4,7 +4,7 @@
 
 Same model (SmolLM2-135M-Instruct by default, fp32), same adapter, same chat-templated prompts,
 same number of new tokens, greedy, steering on, batch 1 and batch 8. Each engine is timed at each
-intra-op thread count in ``--threads`` (default: 1 and every count up to the machine's cores), in
+intra-op thread count in ``--threads`` (default: 1 and the number of cores), in
 turns (PyTorch, onnxruntime, PyTorch, ... so that a slow spell of a shared machine hits both), for
 ``N`` new tokens and for 1 new token (prefill only), best of ``--repeats`` each:
 
@@ -45,7 +45,6 @@ def _prompts(n: int) -> list[str]:
     harmful, benign = demo_prompts("harmful"), demo_prompts("benign")
     mixed = [p for pair in zip(harmful, benign) for p in pair]
     return mixed[:n]
-
 
 
 def _eager_runner(model, tokenizer, prompts: list[str], batch: int):
