@@ -66,10 +66,12 @@ def test_changed_benign_prompts_are_listed() -> None:
     benign = {"xstest": ["a", "b"], "alpaca": ["c", "d"]}
     base = ["Sure: a", "Sure: b", "Sure: c", "I can't help with d"]
     out = ["Sure: a", "I'm sorry, I can't", "Sure: c!", "I can't help with d"]
-    changed = _changed(benign, out, base, PhraseJudge())
+    prompts = [p for ps in benign.values() for p in ps]
+    verdicts = PhraseJudge()(prompts, out), PhraseJudge()(prompts, base)
+    changed = _changed(benign, out, base, *verdicts)
     assert changed == [{"set": "xstest", "prompt": "b", "refusal": True, "base_refusal": False},
                        {"set": "alpaca", "prompt": "c", "refusal": False, "base_refusal": False}]
-    assert _changed(benign, out, base, PhraseJudge(), limit=1) is None  # too many to list
+    assert _changed(benign, out, base, *verdicts, limit=1) is None  # too many to list
     res = {"suite": "safety", "model": "m", "counts": {"harmful": 1, "xstest": 2, "alpaca": 2}, "judge": "phrase",
            "max_new_tokens": 8, "layer": 1, "gate_layer": 1, "detection": {"tpr": 1, "fpr": 0, "roc_auc": 1.0},
            "methods": {"finesteer": {"harmful_refusal": 1.0, "benign_changed": changed}}}

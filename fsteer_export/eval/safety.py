@@ -108,7 +108,9 @@ def run_safety(lm: LoadedModel, train_paths: Sequence[str], general_paths: Seque
         return outs, len(idx)
 
     val_probe = result.report.get("validation_prompts", [])[: opts.train.val_generations]
-    results: dict[str, dict] = {"none": _metrics(harmful, base_h, benign, base_b, base_b, judge)}
+    # every answer list is judged once, with its prompts (a classifier judge may read them)
+    base_ref_h, base_ref_b = judge(harmful, base_h), judge(all_benign, base_b)
+    results: dict[str, dict] = {"none": _metrics(base_ref_h, benign, base_ref_b, base_b, base_b)}
     results["none"]["strength"] = 0.0
     curves: dict[str, list[tuple[float, float, float]]] = {}
     sweep_h = harmful[: opts.n_sweep]
@@ -127,8 +129,9 @@ def run_safety(lm: LoadedModel, train_paths: Sequence[str], general_paths: Seque
         g_h, g_b = _gates(head, h_states, layer), _gates(head, b_states, layer)
         out_h, _ = run_method(f"{name}: harmful", harmful, base_h, g_h)
         out_b, n_gen = run_method(f"{name}: benign", all_benign, base_b, g_b)
-        m = _metrics(harmful, out_h, benign, out_b, base_b, judge)
-        m["benign_changed"] = _changed(benign, out_b, base_b, judge)
+        ref_b = judge(all_benign, out_b)
+        m = _metrics(judge(harmful, out_h), benign, ref_b, out_b, base_b)
+        m["benign_changed"] = _changed(benign, out_b, base_b, ref_b, base_ref_b)
         m.update(strength=lam, gate_fire_harmful=float((g_h > 0).float().mean()),
                  gate_fire_benign=float((g_b > 0).float().mean()), benign_generated=n_gen)
         results[name] = m
@@ -136,9 +139,9 @@ def run_safety(lm: LoadedModel, train_paths: Sequence[str], general_paths: Seque
         for s in opts.sweep:
             head.strength = s
             sh, _ = run_method(f"{name} λ={s}: harmful", sweep_h, base_h[: len(sweep_h)], g_h[: len(sweep_h)])
-            sb, _ = run_method(f"{name} λ={s}: benign", [all_benign[i] for i in sweep_b_idx],
-                               [base_b[i] for i in sweep_b_idx], g_b[sweep_b_idx])
-            pts.append((s, _rate(judge, sb), _rate(judge, sh)))
+            sweep_b = [all_benign[i] for i in sweep_b_idx]
+            sb, _ = run_method(f"{name} λ={s}: benign", sweep_b, [base_b[i] for i in sweep_b_idx], g_b[sweep_b_idx])
+            pts.append((s, _share(judge(sweep_b, sb)), _share(judge(sweep_h, sh))))
         curves[name] = pts
         head.strength = lam
         remove_steering(model)
@@ -164,35 +167,34 @@ def run_safety(lm: LoadedModel, train_paths: Sequence[str], general_paths: Seque
     }
 
 
-def _rate(judge: RefusalJudge, answers: list[str]) -> float:
-    return sum(judge([""] * len(answers), answers)) / max(1, len(answers))
+def _share(flags: Sequence[bool]) -> float:
+    return sum(map(bool, flags)) / max(1, len(flags))
 
 
-def _changed(benign: dict[str, list[str]], out_b: list[str], base_b: list[str], judge: RefusalJudge,
-             limit: int = 25) -> list[dict] | None:
-    """The benign prompts a method changed (set, prompt, whether the new answer is a refusal), so a
-    reader can see *which* prompts a gate let through; None when more than ``limit`` changed (an
-    always-on method changes nearly all of them)."""
+def _changed(benign: dict[str, list[str]], out_b: list[str], base_b: list[str], refused: Sequence[bool],
+             base_refused: Sequence[bool], limit: int = 25) -> list[dict] | None:
+    """The benign prompts a method changed (set, prompt, whether the new / the base answer is a
+    refusal, from the verdicts already taken), so a reader can see *which* prompts a gate let
+    through; None when more than ``limit`` changed (an always-on method changes nearly all of them)."""
     names = [name for name, prompts in benign.items() for _ in prompts]
     prompts = [p for ps in benign.values() for p in ps]
     idx = [i for i, (a, b) in enumerate(zip(out_b, base_b)) if a != b]
     if len(idx) > limit:
         return None
-    refused = judge([prompts[i] for i in idx], [out_b[i] for i in idx]) if idx else []
-    base_refused = judge([prompts[i] for i in idx], [base_b[i] for i in idx]) if idx else []
-    return [{"set": names[i], "prompt": prompts[i], "refusal": bool(r), "base_refusal": bool(br)}
-            for i, r, br in zip(idx, refused, base_refused)]
+    return [{"set": names[i], "prompt": prompts[i], "refusal": bool(refused[i]), "base_refusal": bool(base_refused[i])}
+            for i in idx]
 
 
-def _metrics(harmful: list[str], out_h: list[str], benign: dict[str, list[str]], out_b: list[str],
-             base_b: list[str], judge: RefusalJudge) -> dict:
-    m = {"harmful_refusal": _rate(judge, out_h)}
+def _metrics(refused_h: Sequence[bool], benign: dict[str, list[str]], refused_b: Sequence[bool],
+             out_b: list[str], base_b: list[str]) -> dict:
+    """Refusal rates from the judge's verdicts, and the share of benign answers equal to the base model's."""
+    m = {"harmful_refusal": _share(refused_h)}
     start = 0
     for name, prompts in benign.items():
-        part, base = out_b[start:start + len(prompts)], base_b[start:start + len(prompts)]
-        m[f"{name}_refusal"] = _rate(judge, part)
-        m[f"{name}_identical"] = sum(a == b for a, b in zip(part, base)) / max(1, len(part))
-        start += len(prompts)
-    m["benign_refusal"] = _rate(judge, out_b)
+        end = start + len(prompts)
+        m[f"{name}_refusal"] = _share(refused_b[start:end])
+        m[f"{name}_identical"] = sum(a == b for a, b in zip(out_b[start:end], base_b[start:end])) / max(1, len(prompts))
+        start = end
+    m["benign_refusal"] = _share(refused_b)
     m["benign_identical"] = sum(a == b for a, b in zip(out_b, base_b)) / max(1, len(out_b))
     return m
