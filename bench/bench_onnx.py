@@ -79,20 +79,25 @@ def _onnx_runner(runner, prompts: list[str], batch: int):
     return run
 
 
-def _measure_in_turns(runs: dict, rows: int, new_tokens: int, repeats: int) -> dict:
+def _measure_in_turns(runs: dict, rows: int, new_tokens: int, repeats: int) -> tuple[dict, dict]:
     """Time the ``runs`` in turns, best of ``repeats`` each, so a slow spell of the machine hits all of them.
 
     Each value is ``(prepare, run)``: ``prepare()`` sets the thread count, ``run(n)`` generates n tokens.
+    Returns the timings and each run's tokens from its last ``new_tokens`` call (for the comparison).
     """
     for prepare, run in runs.values():
         prepare()
         run(2)  # warm-up (allocations, ORT session graph, torch kernels)
     full: dict = {name: [] for name in runs}
     prefill: dict = {name: [] for name in runs}
+    tokens: dict = {}
     for _ in range(repeats):
         for name, (prepare, run) in runs.items():
             prepare()
-            full[name] += timings(lambda: run(new_tokens), 1)
+
+            def generate_all(name=name, run=run) -> None:
+                tokens[name] = run(new_tokens)
+            full[name] += timings(generate_all, 1)
             prefill[name] += timings(lambda: run(1), 1)
     out = {}
     for name in runs:
@@ -101,7 +106,7 @@ def _measure_in_turns(runs: dict, rows: int, new_tokens: int, repeats: int) -> d
         out[name] = {"seconds_total": round(t_full, 4), "seconds_prefill": round(t_prefill, 4),
                      "decode_tokens_per_s": round(decode, 2),
                      "end_to_end_tokens_per_s": round(rows * new_tokens / t_full, 2)}
-    return out
+    return out, tokens
 
 
 def _thread_counts(spec: str | None) -> list[int]:
@@ -182,14 +187,13 @@ def main(argv: list[str] | None = None) -> dict:
             runs[("pytorch", t)] = (threads(t), _eager_runner(lm.model, lm.tokenizer, prompts, batch))
             runs[("onnxruntime", t)] = (threads(t), _onnx_runner(runners[t], prompts, batch))
         print(f"batch {batch}: timing PyTorch and onnxruntime in turns at {thread_counts} threads ...", flush=True)
-        timed = _measure_in_turns(runs, len(prompts), args.new_tokens, args.repeats)
+        timed, tokens = _measure_in_turns(runs, len(prompts), args.new_tokens, args.repeats)
         row: dict = {"batch_size": batch, "rows": len(prompts), "new_tokens": args.new_tokens, "by_threads": {}}
         identical = []
         for t in thread_counts:
             pt, ox = timed[("pytorch", t)], timed[("onnxruntime", t)]
-            torch.set_num_threads(t)
-            toks_e, toks_o = runs[("pytorch", t)][1](args.new_tokens), runs[("onnxruntime", t)][1](args.new_tokens)
-            identical.append(int(sum((a == b).all(1).sum() for a, b in zip(toks_e, toks_o))))
+            identical.append(int(sum((a == b).all(1).sum()
+                                     for a, b in zip(tokens[("pytorch", t)], tokens[("onnxruntime", t)]))))
             row["by_threads"][t] = {"pytorch": pt, "onnxruntime": ox, "identical_tokens_rows": identical[-1],
                                     "decode_speedup": round(ox["decode_tokens_per_s"] / pt["decode_tokens_per_s"], 2)}
         for engine in ("pytorch", "onnxruntime"):
