@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import sys
 import time
 from pathlib import Path
@@ -141,7 +142,7 @@ def main() -> None:
     a = ap.parse_args()
     lm = load_model(a.model)
     # for the step timing: the same model plain, with the adapter, and a second plain copy (control)
-    plain, steered, control = lm.model, load_model(a.model).model, load_model(a.model).model
+    plain, steered, control = lm.model, copy.deepcopy(lm.model), copy.deepcopy(lm.model)
     load_adapter(steered, a.adapter)
     prompts = demo_prompts("harmful")[:4] + demo_prompts("benign")[:4]
     res = {}
